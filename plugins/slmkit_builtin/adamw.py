@@ -1,0 +1,62 @@
+"""The ``adamw`` optimizer: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+Weight decay applies only to the groups the kernel marks ``decay`` (weight matrices);
+biases, norm gains and embeddings are left undecayed, as in GPT-2 and nanoGPT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+
+import slmkit
+from slmkit.options import OptionValueError, in_range, non_negative, one_of, positive
+
+
+def _two_betas(_instance: Any, attribute: attrs.Attribute[Any], value: list[float]) -> None:
+    if len(value) != 2:
+        raise OptionValueError(attribute.name, f"expected two numbers [beta1, beta2], got {value}")
+    for beta in value:
+        in_range(0, 1, high_open=True)(_instance, attribute, beta)
+
+
+@attrs.define(frozen=True)
+class AdamWOptions:
+    """Options of ``adamw`` (keys of the ``[optimizer]`` table)."""
+
+    weight_decay: float = attrs.field(default=0.1, validator=non_negative)
+    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.95], validator=_two_betas)
+    eps: float = attrs.field(default=1e-8, validator=positive)
+    #: fused / foreach kernels: faster, same mathematics ("auto": PyTorch's default)
+    implementation: str = attrs.field(
+        default="auto",
+        validator=one_of(("auto", "foreach", "fused", "for-loop")),
+    )
+
+
+def build_adamw(param_groups: list[dict[str, Any]], options: AdamWOptions) -> torch.optim.AdamW:
+    """AdamW over the kernel's groups, decaying only the ``decay`` ones."""
+    groups = [
+        {
+            "params": g["params"],
+            "lr": g["lr"],
+            "weight_decay": options.weight_decay if g["decay"] else 0.0,
+        }
+        for g in param_groups
+    ]
+    flags: dict[str, Any] = {
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+        "for-loop": {"foreach": False},
+    }.get(options.implementation, {})
+    return torch.optim.AdamW(
+        groups, betas=(options.betas[0], options.betas[1]), eps=options.eps, **flags
+    )
+
+
+@slmkit.hookimpl
+def register_optimizers(register: Any) -> None:
+    """Provide the ``adamw`` optimizer."""
+    register("adamw", build_adamw, options=AdamWOptions)

@@ -1,0 +1,162 @@
+"""The ``char`` tokenizer: one token per character under a fixed ASCII policy.
+
+Policy: the vocabulary is ``<PAD>`` (0), ``<UNK>`` (1), tab, newline and the printable
+ASCII characters 32-126: 99 tokens, the same on every machine, so nothing is trained.
+Text is normalized before encoding (see :func:`normalize`); any character still outside
+the policy encodes to ``<UNK>``, which decodes to U+FFFD.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+import slmkit
+from slmkit.options import NoOptions
+
+PAD_ID, UNK_ID = 0, 1
+SPECIALS = ("<PAD>", "<UNK>")
+ALPHABET = "\t\n" + "".join(chr(c) for c in range(32, 127))
+UNK_TEXT = "\ufffd"
+
+# Typographic characters that have an obvious ASCII spelling. NFKD already turns the
+# ellipsis into "..." and non-breaking spaces into spaces; these it leaves alone.
+TYPOGRAPHIC = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201a": "'",
+        "\u201b": "'",
+        "\u2032": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u201e": '"',
+        "\u201f": '"',
+        "\u2033": '"',
+        "\u00ab": '"',
+        "\u00bb": '"',
+        "\u2039": "'",
+        "\u203a": "'",
+        "\u2010": "-",
+        "\u2011": "-",
+        "\u2012": "-",
+        "\u2013": "-",
+        "\u2014": "-",
+        "\u2015": "-",
+        "\u2212": "-",
+        "\u00ad": "",
+        "\u200b": "",
+        "\ufeff": "",
+        "\u2022": "*",
+        "\u00b7": "*",
+    }
+)
+# Letters that decomposition leaves whole but that have a conventional ASCII spelling.
+LETTERS = str.maketrans(
+    {
+        "ß": "ss",
+        "æ": "ae",
+        "Æ": "AE",
+        "œ": "oe",
+        "Œ": "OE",
+        "ø": "o",
+        "Ø": "O",
+        "đ": "d",
+        "Đ": "D",
+        "ł": "l",
+        "Ł": "L",
+        "ı": "i",
+    }
+)
+_CHUNK = 1 << 22  # characters encoded per vectorized step: bounds the int64 temporaries
+
+
+def normalize(text: str) -> str:
+    """Map text onto the policy's alphabet as far as it has an ASCII spelling.
+
+    Line endings become ``\\n``; Unicode is decomposed (NFKD) and combining accents are
+    dropped; curly quotes, dashes and similar map to ASCII. Idempotent. Characters with no
+    ASCII spelling stay as they are (they encode to ``<UNK>``).
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii():
+        return text
+    text = unicodedata.normalize("NFKD", text).translate(_combining_marks())
+    return text.translate(TYPOGRAPHIC).translate(LETTERS)
+
+
+@functools.cache
+def _combining_marks() -> dict[int, None]:
+    """Combining marks (accents) left over after decomposition, to drop: "é" -> "e"."""
+    return dict.fromkeys(c for c in range(0x110000) if unicodedata.combining(chr(c)))
+
+
+class CharTokenizer:
+    """The char tokenizer (see the module docstring for the policy)."""
+
+    pad_id: int | None = PAD_ID
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = [*SPECIALS, *ALPHABET]
+        self.vocab_size = len(self.tokens)
+        self._id_of = {ch: i for i, ch in enumerate(self.tokens) if i >= len(SPECIALS)}
+        # codepoint -> id for codepoints 0..127; index 128 stands for "anything else"
+        table = torch.full((129,), UNK_ID, dtype=torch.uint8)
+        for ch, i in self._id_of.items():
+            table[ord(ch)] = i
+        self._table = table
+        self._text_of = ["", UNK_TEXT, *ALPHABET]
+
+    def train(self, text: str) -> None:
+        """Nothing to learn: the vocabulary is fixed by the policy."""
+
+    def encode(self, text: str) -> list[int]:
+        """Normalize and encode ``text``, one id per character."""
+        return self.encode_to_tensor(text).tolist()
+
+    def encode_to_tensor(self, text: str) -> torch.Tensor:
+        """Normalize and encode ``text`` into a uint8 tensor, vectorized."""
+        text = normalize(text)
+        out = torch.empty(len(text), dtype=torch.uint8)
+        for start in range(0, len(text), _CHUNK):
+            piece = text[start : start + _CHUNK]
+            if piece.isascii():
+                raw = torch.frombuffer(bytearray(piece.encode("ascii")), dtype=torch.uint8)
+                codes = raw.long()
+            else:
+                raw = torch.frombuffer(bytearray(piece.encode("utf-32-le")), dtype=torch.int32)
+                codes = raw.clamp(max=128).long()
+            out[start : start + len(piece)] = self._table[codes]
+        return out
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Ids back to text; ``<PAD>`` decodes to nothing, ``<UNK>`` to U+FFFD."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        text_of = self._text_of
+        return "".join(text_of[i] for i in ids)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The vocabulary, for ``tokenizer.json`` (it is fixed, but written for readers)."""
+        return {"policy": "ascii-printable+tab+newline", "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check that a saved vocabulary is this policy's."""
+        if state.get("tokens") != self.tokens:
+            raise ValueError("tokenizer.json does not hold the char policy's vocabulary")
+
+
+@attrs.define(frozen=True)
+class CharOptions(NoOptions):
+    """The char tokenizer takes no options: its policy is fixed."""
+
+
+@slmkit.hookimpl
+def register_tokenizers(register: Any) -> None:
+    """Provide the ``char`` tokenizer."""
+    register("char", lambda options: CharTokenizer(), options=CharOptions)

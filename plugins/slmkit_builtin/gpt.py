@@ -1,0 +1,134 @@
+"""The ``gpt`` block: a GPT-2 style pre-norm transformer block, from PyTorch primitives.
+
+    x = x + attention(layer_norm(x))
+    x = x + mlp(layer_norm(x))
+
+Attention is causal multi-head self-attention. By default it runs PyTorch's fused
+``scaled_dot_product_attention``; ``attention = "explicit"`` spells the same computation
+out (scores, mask, softmax, weighted sum) for reading and for checking the fused path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slmkit
+from slmkit.components import BlockContext, ModelDims
+from slmkit.options import one_of
+
+
+@attrs.define(frozen=True)
+class GPTOptions:
+    """Options of the ``gpt`` block (keys of the ``[model]`` table)."""
+
+    attention: str = attrs.field(default="sdpa", validator=one_of(("sdpa", "explicit")))
+    bias: bool = True
+
+
+def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask, True where query i may attend to key j.
+
+    The queries are the last ``n_queries`` of the ``n_keys`` positions (with a KV cache the
+    keys include earlier steps), so query i sees keys up to ``n_keys - n_queries + i``.
+    """
+    offset = n_keys - n_queries
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each position attends only to earlier ones."""
+
+    def __init__(self, dims: ModelDims, options: GPTOptions) -> None:
+        super().__init__()
+        self.n_heads, self.d_head = dims.n_heads, dims.d_head
+        self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=options.bias)
+        self.proj = nn.Linear(dims.d_model, dims.d_model, bias=options.bias)
+        self.dropout = dims.dropout
+        self.resid_dropout = nn.Dropout(dims.dropout)
+        self.explicit = options.attention == "explicit"
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        batch, time, d_model = x.shape
+        # (batch, time, 3*d_model) -> three of (batch, n_heads, time, d_head)
+        q, k, v = (
+            t.view(batch, time, self.n_heads, self.d_head).transpose(1, 2)
+            for t in self.qkv(x).split(d_model, dim=2)
+        )
+        if ctx.cache is not None:
+            k, v = ctx.cache.append(k, v)
+        dropout = self.dropout if self.training else 0.0
+        y = self._explicit(q, k, v, dropout) if self.explicit else self._fused(q, k, v, dropout)
+        y = y.transpose(1, 2).contiguous().view(batch, time, d_model)  # heads side by side
+        return self.resid_dropout(self.proj(y))
+
+    def _fused(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
+    ) -> torch.Tensor:
+        n_queries, n_keys = q.shape[2], k.shape[2]
+        if n_queries == n_keys:  # training, or the first step of generation
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        mask = None if n_queries == 1 else causal_mask(n_queries, n_keys, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+    def _explicit(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
+    ) -> torch.Tensor:
+        # Scaled dot products: dividing by sqrt(d_head) keeps the softmax out of saturation.
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
+        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        pattern = F.dropout(scores.softmax(dim=-1), p=dropout, training=dropout > 0)
+        return pattern @ v
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: widen, GELU, project back."""
+
+    def __init__(self, dims: ModelDims, options: GPTOptions) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dims.d_model, dims.d_ff, bias=options.bias)
+        self.proj = nn.Linear(dims.d_ff, dims.d_model, bias=options.bias)
+        self.dropout = nn.Dropout(dims.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class GPTBlock(nn.Module):
+    """Pre-norm residual block: normalizing before each sublayer keeps deep stacks stable."""
+
+    def __init__(self, dims: ModelDims, options: GPTOptions, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dims.d_model, bias=options.bias)
+        self.attn = CausalSelfAttention(dims, options)
+        self.ln_2 = nn.LayerNorm(dims.d_model, bias=options.bias)
+        self.mlp = MLP(dims, options)
+        self._init_weights(dims.n_layers)
+
+    def _init_weights(self, n_layers: int) -> None:
+        # GPT-2 initialisation: N(0, 0.02) everywhere; the projections that write into the
+        # residual stream are scaled by 1/sqrt(2 * n_layers), since each layer adds two of
+        # them and the stream's variance would otherwise grow with depth.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for proj in (self.attn.proj, self.mlp.proj):
+            nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), ctx)
+        return x + self.mlp(self.ln_2(x))
+
+
+@slmkit.hookimpl
+def register_blocks(register: Any) -> None:
+    """Provide the ``gpt`` block."""
+    register("gpt", GPTBlock, options=GPTOptions)

@@ -1,0 +1,147 @@
+"""Checkpoints: atomic writes, safe loads, and the RNG state that makes resume exact.
+
+A checkpoint holds only tensors and plain Python values (the experiment as a dict, RNG
+states as tensors and tuples), so ``torch.load(weights_only=True)`` reads it and loading
+a checkpoint can never execute code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from slmkit.errors import CheckpointError
+
+FORMAT_VERSION = 1
+LATEST = "latest.pt"
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+REQUIRED_KEYS = ("format", "step", "model", "experiment", "tokenizer")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported everywhere (e.g. Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(payload: dict[str, Any], path: Path) -> None:
+    """Write ``payload`` to ``path`` so that a crash leaves either the old or the new file.
+
+    Written to a temporary file in the same folder, flushed to disk, then renamed over
+    ``path`` (rename is atomic within one file system).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def point_latest(step_file: Path) -> Path:
+    """Make ``latest.pt`` beside ``step_file`` the same file, atomically (hard link)."""
+    latest = step_file.with_name(LATEST)
+    tmp = step_file.with_name(f".{LATEST}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(step_file, tmp)
+        os.replace(tmp, latest)
+    except OSError:  # file systems without hard links: copy instead
+        tmp.unlink(missing_ok=True)
+        atomic_save(torch.load(step_file, map_location="cpu", weights_only=True), latest)
+    _fsync_dir(latest.parent)
+    return latest
+
+
+def step_files(folder: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``step_<N>.pt`` files in ``folder``, oldest first."""
+    found = []
+    for path in folder.glob("step_*.pt") if folder.is_dir() else []:
+        match = _STEP_FILE.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints (``latest.pt`` stays)."""
+    for _step, path in step_files(folder)[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder meaning its ``checkpoints/latest.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "checkpoints" / LATEST
+        if not candidate.is_file():
+            raise CheckpointError(f"{path}: no checkpoints/{LATEST} in this folder")
+        return candidate
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``, tensors onto the CPU) and check it."""
+    path = resolve(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable slmkit checkpoint ({first_line})") from None
+    if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not an slmkit checkpoint (missing keys)")
+    if payload["format"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {payload['format']}, this slmkit reads {FORMAT_VERSION}"
+        )
+    return payload
+
+
+def run_dir_of(checkpoint_path: Path) -> Path:
+    """The run folder a checkpoint lives in (``<run>/checkpoints/<file>``)."""
+    return checkpoint_path.resolve().parent.parent
+
+
+# -- random number generators ----------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run may draw from: torch (CPU and CUDA), Python, NumPy."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,127 @@
+"""The interfaces that plugin components implement.
+
+Plugins register factories (see :mod:`slmkit.hookspecs`); what those factories return must
+follow the protocols below. They are structural (``typing.Protocol``): a component needs
+the methods, not a base class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+import torch
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Turns text into token ids and back; owns its normalization policy.
+
+    ``state_dict()`` must return plain JSON values: the kernel writes it to the run
+    folder's ``tokenizer.json`` and embeds it in every checkpoint.
+    """
+
+    vocab_size: int
+    #: id ignored by the loss (or None when the tokenizer has no padding token)
+    pad_id: int | None
+
+    def train(self, text: str) -> None:
+        """Fit the vocabulary on the training text (a no-op for fixed vocabularies)."""
+
+    def encode(self, text: str) -> list[int]:
+        """Normalize and encode ``text``."""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Turn ids back into text."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this tokenizer, as JSON values."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+# Optional fast path: a tokenizer may also define
+#   encode_to_tensor(text: str) -> torch.Tensor   (1-D integer tensor)
+# which the data pipeline prefers for whole corpora (vectorized, no per-token Python).
+
+
+@attrs.define(frozen=True)
+class ModelDims:
+    """The model-wide sizes every block is built from (the ``[model]`` table)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    dropout: float
+    context_length: int
+    vocab_size: int
+
+    @property
+    def d_head(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_heads
+
+
+class KVCache:
+    """One layer's cache of attention keys and values during generation.
+
+    Keys and values have shape ``(batch, n_heads, time, d_head)``; ``append`` adds the new
+    time steps and returns everything cached so far.
+    """
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of cached time steps."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add this step's keys and values; return the full cached keys and values."""
+        if self.keys is None or self.values is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=2)
+            self.values = torch.cat([self.values, values], dim=2)
+        return self.keys, self.values
+
+
+@attrs.define
+class BlockContext:
+    """What a block receives besides the residual stream.
+
+    ``positions``: absolute positions of the time steps in ``x``, shape ``(time,)``;
+    ``cache``: this layer's :class:`KVCache` during generation, else None.
+    """
+
+    positions: torch.Tensor
+    cache: KVCache | None = None
+
+
+class Block(Protocol):
+    """A transformer block: ``nn.Module`` mapping ``(batch, time, d_model)`` to the same."""
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        """Transform the residual stream ``x``; attend only to earlier positions."""
+
+
+class Corpus(Protocol):
+    """Where the training text comes from."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the run log records about this corpus (e.g. path, sha256)."""
+
+    def texts(self) -> Iterable[str]:
+        """The corpus as one or more texts, in a fixed order."""
+
+
+class Schedule(Protocol):
+    """A learning-rate schedule: multiplier of the base learning rate at a step."""
+
+    def __call__(self, step: int) -> float:
+        """Multiplier for optimizer step ``step`` (counted from 0)."""

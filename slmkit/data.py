@@ -1,0 +1,156 @@
+"""Corpus -> text -> train/validation split -> token tensors -> batches of windows.
+
+The text is split by characters (first ``1 - val_fraction`` for training, the rest for
+validation) before tokenizing, so a trained tokenizer never sees validation text. Each
+split becomes one compact integer tensor, cut into non-overlapping windows of
+``context_length + 1`` tokens: a window's first ``context_length`` tokens are the inputs,
+its last ``context_length`` the targets. Training visits the windows in an order shuffled
+afresh each epoch from the run seed and the epoch number, so the position in the stream is
+one integer (windows consumed) and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import attrs
+import torch
+
+from slmkit.components import Corpus, Tokenizer
+from slmkit.errors import DataError
+
+
+@attrs.define
+class Splits:
+    """The encoded corpus: training and validation token tensors and what they came from."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    n_chars: int
+    corpus_sha256: str
+
+    @property
+    def chars_per_token(self) -> float:
+        """Characters per token over the whole corpus (1.0 for the char tokenizer)."""
+        return self.n_chars / (len(self.train) + len(self.val))
+
+
+def read_corpus(corpus: Corpus) -> str:
+    """The corpus's texts joined by newlines; an empty corpus is an error."""
+    texts = list(corpus.texts())
+    text = texts[0] if len(texts) == 1 else "\n".join(texts)
+    if not text.strip():
+        raise DataError("the corpus is empty")
+    return text
+
+
+def compact_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest integer dtype that holds every id."""
+    if vocab_size <= 256:
+        return torch.uint8
+    if vocab_size <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def encode(tokenizer: Tokenizer, text: str) -> torch.Tensor:
+    """Encode ``text`` to a compact 1-D tensor, through the tokenizer's fast path if any."""
+    fast = getattr(tokenizer, "encode_to_tensor", None)
+    ids = fast(text) if fast is not None else torch.tensor(tokenizer.encode(text))
+    return ids.to(compact_dtype(tokenizer.vocab_size))
+
+
+def prepare_splits(
+    text: str,
+    tokenizer: Tokenizer,
+    val_fraction: float,
+    context_length: int,
+    *,
+    train_tokenizer: bool = True,
+) -> Splits:
+    """Split, train the tokenizer on the training part (unless told not to), encode both.
+
+    Raises :class:`DataError` when either split is shorter than one window.
+    """
+    cut = int(len(text) * (1 - val_fraction))
+    train_text, val_text = text[:cut], text[cut:]
+    if train_tokenizer:
+        tokenizer.train(train_text)
+    train, val = encode(tokenizer, train_text), encode(tokenizer, val_text)
+    window = context_length + 1
+    for name, tokens in (("validation", val), ("training", train)):
+        if len(tokens) < window:
+            raise DataError(
+                f"the {name} split has {len(tokens)} tokens, fewer than one window of "
+                f"context_length + 1 = {window}; use a larger corpus, a shorter "
+                "model.context_length or another data.val_fraction"
+            )
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return Splits(train=train, val=val, n_chars=len(text), corpus_sha256=digest)
+
+
+def windows(tokens: torch.Tensor, context_length: int) -> torch.Tensor:
+    """Non-overlapping windows of ``context_length + 1`` tokens, shape (n, context + 1)."""
+    window = context_length + 1
+    n = len(tokens) // window
+    return tokens[: n * window].view(n, window)
+
+
+def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
+    """The window order of one epoch: a permutation fixed by the seed and the epoch."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    return torch.randperm(n_windows, generator=generator)
+
+
+class BatchStream:
+    """Endless training batches; its state is the number of windows consumed."""
+
+    def __init__(
+        self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int
+    ) -> None:
+        self.windows = windows(tokens, context_length)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.consumed = 0
+        self._order_epoch = -1
+        self._order = torch.empty(0, dtype=torch.long)
+
+    @property
+    def n_windows(self) -> int:
+        """Windows per epoch."""
+        return len(self.windows)
+
+    def _next_indices(self) -> torch.Tensor:
+        picked = []
+        for _ in range(self.batch_size):
+            epoch, offset = divmod(self.consumed, self.n_windows)
+            if epoch != self._order_epoch:
+                self._order, self._order_epoch = (
+                    epoch_order(self.n_windows, self.seed, epoch),
+                    epoch,
+                )
+            picked.append(self._order[offset])
+            self.consumed += 1
+        return torch.stack(picked)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(inputs, targets)``, each ``(batch_size, context_length)`` int64."""
+        batch = self.windows[self._next_indices()].long()
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position, for checkpoints."""
+        return {"windows_consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position."""
+        self.consumed = int(state["windows_consumed"])
+
+
+def validation_batches(
+    tokens: torch.Tensor, context_length: int, batch_size: int, max_batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed validation set: the first ``max_batches`` batches of windows, in order."""
+    all_windows = windows(tokens, context_length)[: batch_size * max_batches].long()
+    return [(b[:, :-1], b[:, 1:]) for b in all_windows.split(batch_size)]

@@ -1,0 +1,42 @@
+"""Errors that slmkit reports to the user as one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class SlmkitError(Exception):
+    """An error the user can fix; the CLI prints it as one line and exits non-zero.
+
+    ``exit_code`` is 2 for bad input (experiment files, arguments, plugins) and 1 for
+    failures while a run was under way.
+    """
+
+    exit_code = 2
+
+
+class ConfigError(SlmkitError):
+    """A bad experiment file or override: names the file and the dotted key."""
+
+    def __init__(self, source: str, key: str | None, message: str) -> None:
+        self.source = source
+        self.key = key
+        self.message = message
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {message}")
+
+
+class PluginError(SlmkitError):
+    """A plugin that cannot be loaded, conflicts with another, or is not enabled."""
+
+
+class DataError(SlmkitError):
+    """A corpus that is missing, empty, binary or too small."""
+
+
+class CheckpointError(SlmkitError):
+    """A checkpoint that is missing, corrupt or does not match the experiment."""
+
+
+class RunError(SlmkitError):
+    """A run that failed after it started (the run folder is kept)."""
+
+    exit_code = 1

@@ -1,0 +1,146 @@
+"""The slmkit plugin contract: every hook a plugin may implement.
+
+A plugin is a module (or any object) with functions decorated ``@slmkit.hookimpl`` whose
+names match the specifications below. Built-in plugins (``slmkit_builtin.*``) are written
+against exactly this contract; third-party distributions register through the ``slmkit``
+entry-point group. After loading, every hook implementation is checked against these
+specs, so a misspelt hook name is an error that names the plugin.
+
+Implementations may accept any subset of a spec's arguments, by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from slmkit.train import Run
+
+PROJECT_NAME = "slmkit"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+#: ``register(name, factory, options=OptionsClass)``: the callable handed to every
+#: registration hook. ``options`` is an attrs class (default: no options); the kernel
+#: structures the component's TOML table into it and passes the instance to ``factory``.
+Register = Callable[..., None]
+
+
+# ---------------------------------------------------------------------------------------
+# Registration hooks: called once per plugin when the component registry is built.
+# Each receives a ``register`` callable; see the component protocols in
+# ``slmkit.components`` for what each ``factory`` must return.
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_tokenizers(register: Register) -> None:
+    """Register tokenizer components.
+
+    Called once at start-up. ``factory(options)`` returns a :class:`~slmkit.components.Tokenizer`.
+    The experiment picks one with ``[tokenizer] name = "..."``.
+    """
+
+
+@hookspec
+def register_blocks(register: Register) -> None:
+    """Register transformer block components.
+
+    Called once at start-up. ``factory(dims, options, layer)`` returns an ``nn.Module``
+    following :class:`~slmkit.components.Block`: ``dims`` is the model's
+    :class:`~slmkit.components.ModelDims`, ``layer`` the block's index from 0.
+    The experiment picks one with ``[model] block = "..."``.
+    """
+
+
+@hookspec
+def register_optimizers(register: Register) -> None:
+    """Register optimizer components.
+
+    Called once at start-up. ``factory(param_groups, options)`` returns a
+    ``torch.optim.Optimizer``. ``param_groups`` is a list of dicts, each with ``params``,
+    ``lr`` (the experiment's ``optimizer.learning_rate``) and ``decay`` (True for weight
+    matrices, False for biases, norms and embeddings); the optimizer decides what ``decay``
+    means for it. The experiment picks one with ``[optimizer] name = "..."``.
+    """
+
+
+@hookspec
+def register_schedules(register: Register) -> None:
+    """Register learning-rate schedule components.
+
+    Called once at start-up. ``factory(options, max_steps)`` returns a
+    :class:`~slmkit.components.Schedule`: a multiplier of the base learning rate per step.
+    The experiment picks one with ``[schedule] name = "..."``.
+    """
+
+
+@hookspec
+def register_corpora(register: Register) -> None:
+    """Register corpus components (where the training text comes from).
+
+    Called once at start-up. ``factory(options)`` returns a
+    :class:`~slmkit.components.Corpus`. The experiment picks one with
+    ``[data] corpus = "..."``; the other keys of ``[data]`` are the corpus's options.
+    """
+
+
+@hookspec
+def register_forward_hooks(register: Register) -> None:
+    """Register forward-hook components (observers of activations at named hook points).
+
+    Called once at start-up. The experiment enables them in ``[[forward_hooks]]`` tables.
+    A forward hook can never change a model's outputs: the kernel discards what it returns.
+    """
+
+
+@hookspec
+def register_update_hooks(register: Register) -> None:
+    """Register update-hook components (gradient transforms before the optimizer step).
+
+    Called once at start-up. The experiment enables them in ``[[update_hooks]]`` tables,
+    applied in the listed order after backward and before ``optimizer.step()``.
+    """
+
+
+# ---------------------------------------------------------------------------------------
+# Run events: observers, like Lightning callbacks. Called only on the plugins that take
+# part in the run; return values are ignored. ``run`` is the live :class:`slmkit.train.Run`
+# (run_id, run_dir, experiment, model, tokenizer and ``run.log(event, **fields)``).
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_run_start(run: Run) -> None:
+    """Called once before the first training step (also when a run resumes)."""
+
+
+@hookspec
+def on_step_end(run: Run, step: int, metrics: dict[str, Any]) -> None:
+    """Called after every optimizer step.
+
+    ``step`` counts optimizer steps from 1. ``metrics`` holds ``lr`` always and
+    ``train_loss``/``tokens_per_s`` on logging steps only (reading the loss every step
+    would synchronise the device).
+    """
+
+
+@hookspec
+def on_eval(run: Run, step: int, metrics: dict[str, Any]) -> None:
+    """Called after each validation pass with ``val_loss`` and ``val_bpc``."""
+
+
+@hookspec
+def on_checkpoint(run: Run, step: int, path: Path) -> None:
+    """Called after a checkpoint was written (atomically) to ``path``."""
+
+
+@hookspec
+def on_run_end(run: Run, summary: dict[str, Any]) -> None:
+    """Called once when the run finished, with the summary logged in ``run_end``."""

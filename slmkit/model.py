@@ -1,0 +1,133 @@
+"""The language model: embeddings, a stack of plugin blocks, final norm, linear head.
+
+    tokens -> token embedding + position embedding -> dropout
+           -> block 0 -> ... -> block N-1 -> LayerNorm -> head -> logits
+
+The kernel owns this frame; what happens inside a block is the block plugin's business.
+``generate`` samples with a KV cache (each layer keeps its keys and values, so a new token
+costs one position of work) or, for comparison, by recomputing the whole context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmkit.components import BlockContext, KVCache, ModelDims
+
+IGNORE_INDEX = -100
+
+
+class LanguageModel(nn.Module):
+    """A decoder-only language model assembled from ``n_layers`` blocks."""
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        make_block: Callable[[int], nn.Module],
+        pad_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.dims = dims
+        self.pad_id = pad_id
+        self.tok_emb = nn.Embedding(dims.vocab_size, dims.d_model)
+        self.pos_emb = nn.Embedding(dims.context_length, dims.d_model)
+        self.drop = nn.Dropout(dims.dropout)
+        self.blocks = nn.ModuleList(make_block(layer) for layer in range(dims.n_layers))
+        self.ln_f = nn.LayerNorm(dims.d_model)
+        self.head = nn.Linear(dims.d_model, dims.vocab_size, bias=False)
+        for weight in (self.tok_emb.weight, self.pos_emb.weight, self.head.weight):
+            nn.init.normal_(weight, mean=0.0, std=0.02)  # GPT-2 initialisation
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters (shared tensors counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def param_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        """Optimizer groups: weight matrices decay; biases, norms and embeddings do not.
+
+        Embeddings are lookup tables, not maps, and decaying norm gains or biases only
+        pulls them towards zero without regularising anything.
+        """
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        return [
+            {"params": decay, "lr": learning_rate, "decay": True},
+            {"params": no_decay, "lr": learning_rate, "decay": False},
+        ]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits ``(batch, time, vocab)`` and, given targets, the mean cross-entropy.
+
+        With ``caches`` (one :class:`KVCache` per layer) the positions continue after what
+        is cached, and each block appends this call's keys and values.
+        """
+        start = caches[0].length if caches else 0
+        time = idx.shape[1]
+        positions = torch.arange(start, start + time, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, BlockContext(positions, caches[layer] if caches else None))
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=IGNORE_INDEX if self.pad_id is None else self.pad_id,
+        )
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after ``prompt`` (shape ``(batch, time)``).
+
+        Draws from ``softmax(logits / temperature)`` with ``generator``, never the global
+        RNG, so sampling cannot shift a training run. When the context window is full the
+        cache restarts from the last three quarters of it: positions are absolute, so a
+        cache cannot simply slide.
+        """
+        was_training = self.training
+        self.eval()
+        context = self.dims.context_length
+        keep = max(1, context - context // 4)
+        out = prompt
+        caches: list[KVCache] | None = None
+        pending = out
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(out[:, -context:])
+            else:
+                if caches is None:
+                    caches, pending = [KVCache() for _ in self.blocks], out[:, -context:]
+                elif caches[0].length + pending.shape[1] > context:
+                    caches, pending = [KVCache() for _ in self.blocks], out[:, -keep:]
+                logits, _ = self(pending, caches=caches)
+            probs = F.softmax(logits[:, -1, :].float() / temperature, dim=-1)
+            token = torch.multinomial(probs, num_samples=1, generator=generator)
+            out = torch.cat([out, token], dim=1)
+            pending = token
+        self.train(was_training)
+        return out

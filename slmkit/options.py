@@ -1,0 +1,71 @@
+"""Validators for the attrs option classes of experiments and plugin components.
+
+Every component registers an attrs class for its options; the kernel structures the
+component's TOML table into it. Validators from this module raise :class:`OptionValueError`
+carrying the field name, so every option error reads the same way:
+``experiments/x.toml: optimizer.learning_rate: must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Any
+
+import attrs
+
+
+class OptionValueError(ValueError):
+    """An option value out of range; ``key`` is the option's name within its table."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}")
+
+
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def positive(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """Require ``value > 0``."""
+    if value <= 0:
+        raise OptionValueError(attribute.name, f"must be > 0, got {value!r}")
+
+
+def non_negative(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """Require ``value >= 0``."""
+    if value < 0:
+        raise OptionValueError(attribute.name, f"must be >= 0, got {value!r}")
+
+
+def in_range(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> Validator:
+    """Require ``low <= value <= high``; ``low_open``/``high_open`` exclude the ends."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high:
+            raise OptionValueError(
+                attribute.name, f"must be in {left}{low}, {high}{right}, got {value!r}"
+            )
+
+    return check
+
+
+def one_of(choices: Collection[Any]) -> Validator:
+    """Require ``value`` to be one of ``choices``."""
+
+    def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise OptionValueError(attribute.name, f"must be one of {allowed}, got {value!r}")
+
+    return check
+
+
+@attrs.define(frozen=True)
+class NoOptions:
+    """The options class of a component that takes none."""

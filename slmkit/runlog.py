@@ -1,0 +1,97 @@
+"""The run log: structlog JSON lines in ``runs/<run_id>/log.jsonl``, and run metadata.
+
+Every line is one event: structlog's ``event`` key names it, ``timestamp`` is ISO-8601 UTC,
+and ``run_id`` is bound to every line. The file is line-buffered, so a killed run leaves
+every event it logged.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import secrets
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+import torch
+
+
+class RunLog:
+    """Appends events to a run's ``log.jsonl``."""
+
+    def __init__(self, path: Path, run_id: str) -> None:
+        self.path = path
+        self._file: TextIO = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self._logger = structlog.wrap_logger(
+            structlog.WriteLogger(self._file),
+            processors=[
+                structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+                structlog.processors.JSONRenderer(default=str),
+            ],
+        ).bind(run_id=run_id)
+
+    def event(self, name: str, **fields: Any) -> None:
+        """Write one event line."""
+        self._logger.info(name, **fields)
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """Parse a ``log.jsonl`` (skipping a torn last line of a killed run)."""
+    import json
+
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def new_run_id(name: str) -> str:
+    """``<UTC time>-<experiment name>-<4 hex digits>``: sortable and unique enough."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{slug}-{secrets.token_hex(2)}"
+
+
+def git_state(cwd: Path) -> dict[str, Any]:
+    """The commit of the repository holding ``cwd`` and whether it has local changes."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": None, "git_dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": bool(status)}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a bit-exact rerun depends on: versions, device, threads, CPU capability."""
+    env: dict[str, Any] = {
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": sys.platform,
+        "device": str(device),
+        "num_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if device.type == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name(device)
+        env["cuda_version"] = torch.version.cuda
+    return env

@@ -1,0 +1,411 @@
+"""The training loop: steps, evaluation, samples, checkpoints, run events.
+
+:class:`Trainer` builds everything an experiment names and checks the data *before* a run
+folder exists, so bad input leaves nothing behind; :meth:`Trainer.run` then creates (or,
+on resume, reopens) the folder and trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from slmkit import __version__, checkpoint
+from slmkit.build import (
+    build_model,
+    build_optimizer,
+    build_schedule,
+    build_tokenizer,
+    read_experiment_corpus,
+    resolve_device,
+)
+from slmkit.components import Tokenizer
+from slmkit.data import BatchStream, Splits, prepare_splits, validation_batches
+from slmkit.errors import CheckpointError, ConfigError, DataError
+from slmkit.experiment import Experiment, changed_keys
+from slmkit.model import LanguageModel
+from slmkit.plugins import PluginManager
+from slmkit.progress import Console
+from slmkit.runlog import RunLog, environment, git_state, new_run_id
+
+#: experiment keys a resumed run may change
+RESUMABLE_CHANGES = ("training.max_steps",)
+
+
+@attrs.define(eq=False)
+class Run:
+    """The live run, as run-event hooks see it."""
+
+    run_id: str
+    run_dir: Path
+    experiment: Experiment
+    model: LanguageModel
+    tokenizer: Tokenizer
+    device: torch.device
+    logger: RunLog
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append an event to the run's log.jsonl."""
+        self.logger.event(event, **fields)
+
+
+def tokenizer_record(exp: Experiment, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What ``tokenizer.json`` and checkpoints hold: the component name and its state."""
+    return {"name": exp.tokenizer.name, "state": tokenizer.state_dict()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: LanguageModel, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> float:
+    """Mean next-token cross-entropy (nats per token) over fixed validation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    for x, y in batches:
+        _, loss = model(x.to(device), y.to(device))
+        assert loss is not None
+        total += loss.double() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return float(total / count)
+
+
+def bits_per_char(loss: float, chars_per_token: float) -> float:
+    """Nats per token -> bits per character, comparable across tokenizers."""
+    return loss / math.log(2) / chars_per_token
+
+
+def sample_text(
+    model: LanguageModel,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    seed: int,
+    device: torch.device,
+    use_cache: bool = True,
+) -> str:
+    """Sample a continuation of ``prompt`` with a generator of its own, seeded by ``seed``."""
+    ids = tokenizer.encode(prompt) or [tokenizer.pad_id or 0]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model.generate(
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        generator=generator,
+        use_cache=use_cache,
+    )
+    return tokenizer.decode(out[0, len(ids) :].tolist())
+
+
+class Trainer:
+    """One training run of an experiment, fresh or resumed from a checkpoint."""
+
+    def __init__(
+        self,
+        exp: Experiment,
+        manager: PluginManager,
+        source: str,
+        *,
+        resume: str | Path | None = None,
+        runs_dir: str | Path | None = None,
+        console: Console | None = None,
+    ) -> None:
+        self.exp, self.manager, self.source = exp, manager, source
+        self.console = console or Console()
+        self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
+        self.device = resolve_device(exp.training.device, source)
+        self.resume_path = checkpoint.resolve(resume) if resume is not None else None
+        payload = checkpoint.load(self.resume_path) if self.resume_path else None
+        if payload is not None:
+            changed = [
+                k
+                for k in changed_keys(payload["experiment"], exp.to_dict())
+                if k not in RESUMABLE_CHANGES
+            ]
+            if changed:
+                raise CheckpointError(
+                    f"{self.resume_path}: the experiment differs from the checkpoint's in "
+                    f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may change"
+                )
+
+        self.tokenizer = build_tokenizer(exp, manager)
+        if payload is not None:
+            self.tokenizer.load_state_dict(payload["tokenizer"]["state"])
+        text = read_experiment_corpus(exp, manager, source)
+        try:
+            self.splits: Splits = prepare_splits(
+                text,
+                self.tokenizer,
+                exp.data.val_fraction,
+                exp.model.context_length,
+                train_tokenizer=payload is None,
+            )
+        except DataError as exc:
+            raise ConfigError(source, "data", str(exc)) from None
+
+        seed = exp.experiment.seed
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        self.model = build_model(exp, manager, self.tokenizer).to(self.device)
+        self.optimizer = build_optimizer(exp, manager, self.model)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.schedule = build_schedule(exp, manager)
+        t = exp.training
+        self.stream = BatchStream(self.splits.train, exp.model.context_length, t.batch_size, seed)
+        self.val_batches = validation_batches(
+            self.splits.val, exp.model.context_length, t.batch_size, t.eval_batches
+        )
+        self.step = 0
+        self.best_val_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self._payload = payload
+        self._hook = {
+            name: manager.hook_caller(name, exp.participants)
+            for name in ("on_run_start", "on_step_end", "on_eval", "on_checkpoint", "on_run_end")
+        }
+
+    # -- the run folder ------------------------------------------------------------------
+
+    def _open_run(self) -> Run:
+        payload = self._payload
+        if payload is not None and self.resume_path is not None:
+            run_dir = checkpoint.run_dir_of(self.resume_path)
+            run_id = str(payload.get("run_id") or run_dir.name)
+        else:
+            run_id = new_run_id(self.exp.experiment.name)
+            run_dir = self.runs_dir / run_id
+            run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        _write_text_atomic(run_dir / "experiment.toml", self.exp.to_toml())
+        record = tokenizer_record(self.exp, self.tokenizer)
+        _write_text_atomic(run_dir / "tokenizer.json", json.dumps(record, indent=1) + "\n")
+        return Run(
+            run_id=run_id,
+            run_dir=run_dir,
+            experiment=self.exp,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            device=self.device,
+            logger=RunLog(run_dir / "log.jsonl", run_id),
+        )
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if hasattr(self.schedule, "load_state_dict") and payload.get("schedule"):
+            self.schedule.load_state_dict(payload["schedule"])
+        self.stream.load_state_dict(payload["data"])
+        self.step = int(payload["step"])
+        self.best_val_loss = payload.get("best_val_loss")
+        self.last_val_loss = payload.get("last_val_loss")
+        saved_threads = payload.get("environment", {}).get("num_threads")
+        if saved_threads is not None and saved_threads != torch.get_num_threads():
+            self.console.say(
+                f"warning: the checkpoint was written with {saved_threads} threads, this "
+                f"process uses {torch.get_num_threads()}: losses may differ in the last bits"
+            )
+        checkpoint.set_rng_state(payload["rng"])  # last: nothing may draw after this
+
+    def _run_start_fields(self) -> dict[str, Any]:
+        exp = self.exp
+        hook_list = [f"update_hook:{h.name}" for h in exp.update_hooks if h.enabled]
+        hook_list = [f"forward_hook:{h.name}" for h in exp.forward_hooks if h.enabled] + hook_list
+        corpus = {
+            "name": exp.data.corpus,
+            "sha256": self.splits.corpus_sha256,
+            "chars": self.splits.n_chars,
+        }
+        return {
+            "experiment": exp.experiment.name,
+            "source": self.source,
+            **git_state(Path.cwd()),
+            "config_hash": exp.config_hash,
+            "hook_list": hook_list,
+            "plugins": self.manager.versions(exp.participants),
+            "slmkit_version": __version__,
+            **environment(self.device),
+            "n_params": self.model.n_params,
+            "seed": exp.experiment.seed,
+            "corpus": corpus,
+            "train_tokens": len(self.splits.train),
+            "val_tokens": len(self.splits.val),
+            "max_steps": exp.training.max_steps,
+            "resumed_from_step": self.step if self._payload is not None else None,
+        }
+
+    # -- training ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``training.max_steps``; return the summary logged in ``run_end``."""
+        run = self._open_run()
+        self.run_handle = run
+        if self._payload is not None:
+            self._restore(self._payload)
+        try:
+            return self._train(run)
+        finally:
+            self.console.close()
+            run.logger.close()
+
+    def _train(self, run: Run) -> dict[str, Any]:
+        exp, t = self.exp, self.exp.training
+        run.log("run_start", **self._run_start_fields())
+        resumed = self._payload is not None
+        self.console.say(
+            f"{'resuming' if resumed else 'run'} {run.run_id}: {self.model.n_params:,} parameters"
+            f" on {self.device}, {len(self.splits.train):,} training tokens -> {run.run_dir}"
+        )
+        self._hook["on_run_start"](run=run)
+        tokens_per_step = t.batch_size * exp.model.context_length
+        started = time.perf_counter()
+        start_step = self.step
+        window_start, window_steps = time.perf_counter(), 0
+        last_loss = float("nan")
+        tokens_per_s = 0.0
+        self.model.train()
+        while self.step < t.max_steps:
+            lr = self._set_lr(self.step)
+            x, y = self.stream.next_batch()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            _, loss = self.model(x, y)
+            assert loss is not None
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            window_steps += 1
+            metrics: dict[str, Any] = {"lr": lr}
+            last_step = self.step == t.max_steps
+            if self.step % t.log_every == 0 or last_step:
+                last_loss = loss.item()  # the only host sync of a training step
+                now = time.perf_counter()
+                tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                window_start, window_steps = now, 0
+                metrics.update(train_loss=last_loss, tokens_per_s=tokens_per_s)
+                run.log(
+                    "train_step",
+                    step=self.step,
+                    train_loss=last_loss,
+                    lr=lr,
+                    tokens_per_s=round(tokens_per_s, 1),
+                )
+                per_step = (now - started) / (self.step - start_step)
+                self.console.progress(
+                    self.step,
+                    t.max_steps,
+                    last_loss,
+                    tokens_per_s,
+                    per_step * (t.max_steps - self.step),
+                    self.last_val_loss,
+                )
+            self._hook["on_step_end"](run=run, step=self.step, metrics=metrics)
+            if (t.eval_every and self.step % t.eval_every == 0) or last_step:
+                self._evaluate(run)
+            if (exp.sampling.every and self.step % exp.sampling.every == 0) or last_step:
+                self._sample(run)
+            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last_step:
+                self.save_checkpoint(run)
+        elapsed = time.perf_counter() - started
+        trained = (self.step - start_step) * tokens_per_step
+        summary = {
+            "steps": self.step,
+            "train_loss": last_loss,
+            "val_loss": self.last_val_loss,
+            "best_val_loss": self.best_val_loss,
+            "val_bpc": None
+            if self.last_val_loss is None
+            else bits_per_char(self.last_val_loss, self.splits.chars_per_token),
+            "elapsed_s": round(elapsed, 3),
+            "tokens_per_s": round(trained / elapsed, 1) if elapsed > 0 else None,
+            "run_dir": str(run.run_dir),
+        }
+        run.log("run_end", summary=summary)
+        self._hook["on_run_end"](run=run, summary=summary)
+        self.console.say(
+            f"finished {run.run_id} at step {self.step}: val_loss {self.last_val_loss:.4f}; "
+            f"outputs in {run.run_dir}"
+        )
+        return summary
+
+    def _set_lr(self, step: int) -> float:
+        factor = self.schedule(step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        return self.base_lrs[0] * factor
+
+    def _evaluate(self, run: Run) -> None:
+        val_loss = evaluate(self.model, self.val_batches, self.device)
+        val_bpc = bits_per_char(val_loss, self.splits.chars_per_token)
+        self.last_val_loss = val_loss
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+        run.log("eval", step=self.step, val_loss=val_loss, val_bpc=val_bpc)
+        self.console.say(f"step {self.step}: val_loss {val_loss:.4f} ({val_bpc:.3f} bits/char)")
+        self._hook["on_eval"](
+            run=run, step=self.step, metrics={"val_loss": val_loss, "val_bpc": val_bpc}
+        )
+
+    def _sample(self, run: Run) -> None:
+        s = self.exp.sampling
+        text = sample_text(
+            self.model,
+            self.tokenizer,
+            s.prompt,
+            s.max_new_tokens,
+            temperature=s.temperature,
+            seed=self.exp.experiment.seed + self.step,
+            device=self.device,
+        )
+        run.log("sample", step=self.step, prompt=s.prompt, sample_text=text)
+        preview = text.strip().replace("\n", " / ")[:100]
+        self.console.say(f"step {self.step}: sample: {preview}")
+
+    def checkpoint_payload(self, run_id: str) -> dict[str, Any]:
+        """Everything a bit-exact resume needs, as tensors and plain values."""
+        return {
+            "format": checkpoint.FORMAT_VERSION,
+            "slmkit_version": __version__,
+            "run_id": run_id,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else {},
+            "data": self.stream.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "experiment": self.exp.to_dict(),
+            "tokenizer": tokenizer_record(self.exp, self.tokenizer),
+            "best_val_loss": self.best_val_loss,
+            "last_val_loss": self.last_val_loss,
+            "environment": environment(self.device),
+        }
+
+    def save_checkpoint(self, run: Run) -> Path:
+        """Write ``step_<N>.pt`` atomically, point ``latest.pt`` at it, prune old ones."""
+        folder = run.run_dir / "checkpoints"
+        path = folder / f"step_{self.step}.pt"
+        checkpoint.atomic_save(self.checkpoint_payload(run.run_id), path)
+        checkpoint.point_latest(path)
+        checkpoint.prune(folder, self.exp.training.keep_checkpoints)
+        run.log("checkpoint", step=self.step, path=str(path.relative_to(run.run_dir)))
+        self._hook["on_checkpoint"](run=run, step=self.step, path=path)
+        return path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
