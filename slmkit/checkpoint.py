@@ -104,8 +104,10 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable slmkit checkpoint ({first_line})") from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "WeightsUnpickler error" in ln), None)
+        detail = detail or (lines[0] if lines else type(exc).__name__)
+        raise CheckpointError(f"{path}: not a loadable slmkit checkpoint ({detail})") from None
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not an slmkit checkpoint (missing keys)")
     if payload["format"] != FORMAT_VERSION:

@@ -84,7 +84,7 @@ def git_state(cwd: Path) -> dict[str, Any]:
 def environment(device: torch.device) -> dict[str, Any]:
     """What a bit-exact rerun depends on: versions, device, threads, CPU capability."""
     env: dict[str, Any] = {
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "python_version": platform.python_version(),
         "platform": sys.platform,
         "device": str(device),
