@@ -14,7 +14,7 @@ import json
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import cattrs
@@ -23,7 +23,7 @@ from cattrs.cols import list_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from slmkit.errors import ConfigError, SlmkitError
-from slmkit.options import OptionValueError, in_range, non_negative, positive
+from slmkit.options import OptionValueError, in_range, non_negative, one_of, positive
 from slmkit.plugins import PluginManager
 
 # ---------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ class TrainingSection:
     checkpoint_every: int = attrs.field(default=200, validator=non_negative)
     keep_checkpoints: int = attrs.field(default=3, validator=positive)
     log_every: int = attrs.field(default=10, validator=positive)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    device: str = attrs.field(default="auto", validator=one_of(("auto", "cpu", "cuda", "mps")))
 
 
 @attrs.define(frozen=True)
@@ -432,7 +432,7 @@ def experiment_from_dict(
     try:
         participants = manager.participants(plugins.enable, plugins.disable)
     except SlmkitError as exc:
-        raise ConfigError(source, "plugins", str(exc)) from None
+        raise ConfigError(source, None, str(exc)) from None  # the message names the key
 
     for table, (cls, name_key, kind) in _COMPONENT_TABLES.items():
         sections[table] = _component_section(

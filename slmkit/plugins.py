@@ -69,7 +69,7 @@ class PluginInfo:
 
 def _describe(exc: BaseException) -> str:
     """One line for an exception: its type and message, and where it was raised."""
-    frames = traceback.extract_tb(exc.__traceback__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
     where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
     return f"{type(exc).__name__}: {exc}{where}"
 
@@ -203,7 +203,7 @@ class PluginManager:
             caller = getattr(self.pm.hook, hook_name)
             if caller.has_spec():
                 continue
-            if all(impl.hookimpl_config.optionalhook for impl in caller.get_hookimpls()):
+            if all(impl.optionalhook for impl in caller.get_hookimpls()):
                 continue
             hint = difflib.get_close_matches(hook_name, spec_names, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -243,9 +243,9 @@ class PluginManager:
     def participants(
         self, enable: Collection[str] = (), disable: Collection[str] = ()
     ) -> list[str]:
-        """The plugins that take part in a run: built-ins unless disabled, plus ``enable``.
+        """The plugins that take part in a run: working built-ins unless disabled, plus ``enable``.
 
-        Raises :class:`PluginError` for a name that is not installed or is broken.
+        Raises :class:`PluginError` for an enabled name that is not installed or is broken.
         """
         self.load()
         for name in disable:
@@ -268,11 +268,13 @@ class PluginManager:
                 )
             if name not in chosen:
                 chosen.append(name)
-        for name in chosen:
+        for name in enable:
             info = self.plugins[name]
             if info.broken:
-                raise PluginError(f"plugin {name!r} is broken: {info.error}")
-        return chosen
+                raise PluginError(f"plugins.enable: plugin {name!r} is broken: {info.error}")
+        # A broken built-in takes no part; a run that needs one of its components fails
+        # at the lookup, which names the broken plugins.
+        return [n for n in chosen if not self.plugins[n].broken]
 
     def component(self, kind: str, name: str, participants: Collection[str]) -> Component:
         """Look up a component among ``participants``; errors mention broken plugins."""
