@@ -129,7 +129,9 @@ class CharTokenizer:
                 raw = torch.frombuffer(bytearray(piece.encode("ascii")), dtype=torch.uint8)
                 codes = raw.long()
             else:
-                raw = torch.frombuffer(bytearray(piece.encode("utf-32-le")), dtype=torch.int32)
+                raw = torch.frombuffer(
+                    bytearray(piece.encode("utf-32-le", "surrogatepass")), dtype=torch.int32
+                )
                 codes = raw.clamp(max=128).long()
             out[start : start + len(piece)] = self._table[codes]
         return out

@@ -1,0 +1,43 @@
+"""Documentation that must not drift from the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import attrs
+
+from slmkit import experiment, hookspecs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spec_names() -> list[str]:
+    return [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "slmkit_spec")]
+
+
+def test_every_hook_spec_has_a_docstring_and_a_section_in_docs() -> None:
+    headings = set(re.findall(r"^### (\w+)$", (ROOT / "docs" / "hooks.md").read_text(), re.M))
+    assert len(spec_names()) == 12
+    for name in spec_names():
+        assert getattr(hookspecs, name).__doc__, name
+        assert name in headings, f"docs/hooks.md has no section for {name}"
+
+
+def test_every_experiment_key_is_in_the_reference() -> None:
+    reference = (ROOT / "docs" / "experiments.md").read_text()
+    for cls in (
+        experiment.ExperimentSection, experiment.PluginsSection, experiment.DataSection,
+        experiment.TokenizerSection, experiment.ModelSection, experiment.OptimizerSection,
+        experiment.ScheduleSection, experiment.TrainingSection, experiment.SamplingSection,
+        experiment.ForwardHookSection, experiment.UpdateHookSection,
+    ):  # fmt: skip
+        for field in attrs.fields(cls):
+            if field.name != "options":
+                assert f"`{field.name}`" in reference, f"{cls.__name__}.{field.name}"
+
+
+def test_readme_shows_the_two_setup_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "uv run slmkit run experiments/baseline.toml" in readme
+    assert "uv run pytest" in readme
