@@ -251,7 +251,6 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to ``training.max_steps``; return the summary logged in ``run_end``."""
         run = self._open_run()
-        self.run_handle = run
         if self._payload is not None:
             self._restore(self._payload)
         try:
