@@ -125,3 +125,40 @@ class Schedule(Protocol):
 
     def __call__(self, step: int) -> float:
         """Multiplier for optimizer step ``step`` (counted from 0)."""
+
+
+class ForwardHook(Protocol):
+    """Observes activations at hook points; built by ``factory(options)``.
+
+    The kernel attaches it to the points its ``[[forward_hooks]]`` table selects (or
+    ``default_points``) on the passes named in ``phases``: ``"train"`` on every ``every``-th
+    training step, ``"eval"`` on the validation passes of such steps. During the pass
+    ``observe`` receives each activation (detached; never modify it); afterwards ``flush``
+    returns the metrics to log, or None. A hook may also define ``start(run)``, called once
+    before training (e.g. to learn ``run.run_dir``).
+    """
+
+    default_points: Sequence[str]
+    phases: Sequence[str]
+
+    def observe(self, point: str, activation: torch.Tensor) -> None:
+        """Look at one activation (shapes: docs/hooks.md)."""
+
+    def flush(self, step: int, phase: str) -> dict[str, Any] | None:
+        """End of a pass: the metrics to log as a ``forward_hook`` event, or None."""
+
+
+class UpdateHook(Protocol):
+    """Transforms gradients in place before the optimizer step; built by ``factory(options)``.
+
+    ``apply`` runs after backward on every step, in the order of the ``[[update_hooks]]``
+    tables. It may return metrics (tensors are fine: they are read only on logging steps,
+    when ``log`` is True, and logged as an ``update_hook`` event). A stateful hook defines
+    ``state_dict()``/``load_state_dict()`` (tensors and plain values) so resume is exact;
+    it may also define ``start(run)``.
+    """
+
+    def apply(
+        self, parameters: list[tuple[str, torch.nn.Parameter]], step: int, log: bool
+    ) -> dict[str, Any] | None:
+        """Transform ``p.grad`` of the named parameters at optimizer step ``step`` (from 1)."""

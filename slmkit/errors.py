@@ -40,3 +40,14 @@ class RunError(SlmkitError):
     """A run that failed after it started (the run folder is kept)."""
 
     exit_code = 1
+
+
+class HookFailure(Exception):
+    """An exception raised inside a plugin's hook, with who raised it and where.
+
+    The trainer turns it into a :class:`RunError` that also names the step.
+    """
+
+    def __init__(self, what: str, plugin: str, cause: BaseException) -> None:
+        self.what, self.plugin, self.cause = what, plugin, cause
+        super().__init__(f"{what} (plugin {plugin!r}) failed: {type(cause).__name__}: {cause}")

@@ -134,7 +134,8 @@ class ForwardHookSection:
 
     name: str
     enabled: bool = True
-    points: list[str] = attrs.Factory(lambda: ["*"])
+    #: globs of hook points to watch; empty: the hook's own default points
+    points: list[str] = attrs.Factory(list)
     every: int = attrs.field(default=1, validator=positive)
     options: Any = None
 

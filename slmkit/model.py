@@ -18,8 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.components import BlockContext, KVCache, ModelDims
+from slmkit.hooks import HookPoint, name_hook_points
 
 IGNORE_INDEX = -100
+
+
+class FinalNorm(nn.LayerNorm):
+    """The LayerNorm before the head, with the hook point ``ln_f.hook_normalized``."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__(d_model)
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(super().forward(x))
 
 
 class LanguageModel(nn.Module):
@@ -36,12 +48,15 @@ class LanguageModel(nn.Module):
         self.pad_id = pad_id
         self.tok_emb = nn.Embedding(dims.vocab_size, dims.d_model)
         self.pos_emb = nn.Embedding(dims.context_length, dims.d_model)
+        self.hook_embed = HookPoint()
         self.drop = nn.Dropout(dims.dropout)
         self.blocks = nn.ModuleList(make_block(layer) for layer in range(dims.n_layers))
-        self.ln_f = nn.LayerNorm(dims.d_model)
+        self.ln_f = FinalNorm(dims.d_model)
         self.head = nn.Linear(dims.d_model, dims.vocab_size, bias=False)
         for weight in (self.tok_emb.weight, self.pos_emb.weight, self.head.weight):
             nn.init.normal_(weight, mean=0.0, std=0.02)  # GPT-2 initialisation
+        #: every hook point, by its module path (``blocks.0.hook_resid_post``...)
+        self.hook_points = name_hook_points(self)
 
     @property
     def n_params(self) -> int:
@@ -79,7 +94,7 @@ class LanguageModel(nn.Module):
         start = caches[0].length if caches else 0
         time = idx.shape[1]
         positions = torch.arange(start, start + time, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        x = self.drop(self.hook_embed(self.tok_emb(idx) + self.pos_emb(positions)))
         for layer, block in enumerate(self.blocks):
             x = block(x, BlockContext(positions, caches[layer] if caches else None))
         logits = self.head(self.ln_f(x))

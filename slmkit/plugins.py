@@ -20,7 +20,7 @@ import attrs
 import pluggy
 
 from slmkit import hookspecs
-from slmkit.errors import PluginError
+from slmkit.errors import HookFailure, PluginError
 from slmkit.options import NoOptions
 from slmkit.registry import REGISTRATION_HOOKS, Component, Registry
 
@@ -31,6 +31,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "slmkit_builtin.adamw",
     "slmkit_builtin.corpora",
     "slmkit_builtin.constant",
+    "slmkit_builtin.forward_hooks",
+    "slmkit_builtin.update_hooks",
 )
 ENTRY_POINT_GROUP = "slmkit"
 #: comma-separated plugin distributions to load from entry points (empty: none)
@@ -288,13 +290,30 @@ class PluginManager:
             raise PluginError(f"{exc}; broken plugins that may provide it: {names}") from None
 
     def hook_caller(self, hook_name: str, participants: Collection[str]) -> Any:
-        """A caller for ``hook_name`` that reaches only the ``participants``."""
+        """A pluggy caller for ``hook_name`` that reaches only the ``participants``."""
         others = [
             self.pm.get_plugin(n)
             for n in self.plugins
             if n not in participants and self.pm.get_plugin(n) is not None
         ]
         return self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+
+    def event_caller(self, hook_name: str, participants: Collection[str]) -> Callable[..., None]:
+        """A caller for a run event that calls each participant's implementation in turn.
+
+        Unlike a plain pluggy call, an exception is raised as :class:`HookFailure` naming
+        the plugin and the hook.
+        """
+        impls = self.hook_caller(hook_name, participants).get_hookimpls()
+
+        def call(**kwargs: Any) -> None:
+            for impl in reversed(impls):  # pluggy's order: last registered first
+                try:
+                    impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+                except Exception as exc:
+                    raise HookFailure(f"run event {hook_name}", impl.plugin_name, exc) from exc
+
+        return call
 
     def versions(self, participants: Collection[str]) -> dict[str, str | None]:
         """``{plugin: version}`` of the participants, for the run log."""

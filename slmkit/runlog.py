@@ -34,9 +34,9 @@ class RunLog:
             ],
         ).bind(run_id=run_id)
 
-    def event(self, name: str, **fields: Any) -> None:
-        """Write one event line."""
-        self._logger.info(name, **fields)
+    def event(self, event: str, /, **fields: Any) -> None:
+        """Write one event line (fields may include ``name``; not ``event``)."""
+        self._logger.info(event, **fields)
 
     def close(self) -> None:
         """Close the file."""

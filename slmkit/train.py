@@ -29,9 +29,11 @@ from slmkit.build import (
 )
 from slmkit.components import Tokenizer
 from slmkit.data import BatchStream, Splits, prepare_splits, validation_batches
-from slmkit.errors import CheckpointError, ConfigError, DataError
+from slmkit.errors import CheckpointError, ConfigError, DataError, HookFailure, RunError
 from slmkit.experiment import Experiment, changed_keys
+from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
+from slmkit.options import OptionValueError
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import RunLog, environment, git_state, new_run_id
@@ -52,7 +54,7 @@ class Run:
     device: torch.device
     logger: RunLog
 
-    def log(self, event: str, **fields: Any) -> None:
+    def log(self, event: str, /, **fields: Any) -> None:
         """Append an event to the run's log.jsonl."""
         self.logger.event(event, **fields)
 
@@ -64,7 +66,9 @@ def tokenizer_record(exp: Experiment, tokenizer: Tokenizer) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(
-    model: LanguageModel, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    model: LanguageModel,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
 ) -> float:
     """Mean next-token cross-entropy (nats per token) over fixed validation batches."""
     was_training = model.training
@@ -160,6 +164,8 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         self.model = build_model(exp, manager, self.tokenizer).to(self.device)
+        self.forward_hooks = self._forward_hooks()
+        self.update_hooks = self._update_hooks()
         self.optimizer = build_optimizer(exp, manager, self.model)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.schedule = build_schedule(exp, manager)
@@ -172,10 +178,55 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.last_val_loss: float | None = None
         self._payload = payload
-        self._hook = {
-            name: manager.hook_caller(name, exp.participants)
+        self._current_step = self.step  # the step being computed, for error messages
+        self._event = {
+            name: manager.event_caller(name, exp.participants)
             for name in ("on_run_start", "on_step_end", "on_eval", "on_checkpoint", "on_run_end")
         }
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def _build_hook(self, kind: str, section: Any, key: str) -> EnabledHook:
+        component = self.manager.component(kind, section.name, self.exp.participants)
+        try:
+            hook = component.factory(section.options)
+        except OptionValueError as exc:
+            raise ConfigError(self.source, f"{key}.{exc.key}", exc.message) from None
+        return EnabledHook(kind, section.name, component.plugin, hook, getattr(section, "every", 1))
+
+    def _forward_hooks(self) -> ForwardHooks | None:
+        """The enabled ``[[forward_hooks]]``, each with the hook points its globs select."""
+        enabled = []
+        names = list(self.model.hook_points)
+        for i, section in enumerate(self.exp.forward_hooks):
+            if not section.enabled:
+                continue  # left out entirely: nothing is attached
+            entry = self._build_hook("forward_hook", section, f"forward_hooks.{i}")
+            patterns = section.points or list(entry.hook.default_points)
+            for pattern, matched in select_points(names, patterns).items():
+                if not matched:
+                    raise ConfigError(
+                        self.source, f"forward_hooks.{i}.points",
+                        f"{pattern!r} matches no hook point of this model (docs/hooks.md "
+                        f"lists them; e.g. {', '.join(names[:3])}, ...)",
+                    )  # fmt: skip
+                entry.points += [m for m in matched if m not in entry.points]
+            enabled.append(entry)
+        return ForwardHooks(enabled, self.model.hook_points) if enabled else None
+
+    def _update_hooks(self) -> UpdateHooks | None:
+        """The enabled ``[[update_hooks]]``, in order."""
+        enabled = [
+            self._build_hook("update_hook", section, f"update_hooks.{i}")
+            for i, section in enumerate(self.exp.update_hooks)
+            if section.enabled
+        ]
+        parameters = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return UpdateHooks(enabled, parameters) if enabled else None
+
+    def _all_hooks(self) -> list[EnabledHook]:
+        return [*(self.forward_hooks.hooks if self.forward_hooks else []),
+                *(self.update_hooks.hooks if self.update_hooks else [])]  # fmt: skip
 
     # -- the run folder ------------------------------------------------------------------
 
@@ -208,6 +259,8 @@ class Trainer:
         if hasattr(self.schedule, "load_state_dict") and payload.get("schedule"):
             self.schedule.load_state_dict(payload["schedule"])
         self.stream.load_state_dict(payload["data"])
+        if self.update_hooks is not None:
+            self.update_hooks.load_state_dict(payload["update_hooks"])
         self.step = int(payload["step"])
         self.best_val_loss = payload.get("best_val_loss")
         self.last_val_loss = payload.get("last_val_loss")
@@ -221,8 +274,7 @@ class Trainer:
 
     def _run_start_fields(self) -> dict[str, Any]:
         exp = self.exp
-        hook_list = [f"update_hook:{h.name}" for h in exp.update_hooks if h.enabled]
-        hook_list = [f"forward_hook:{h.name}" for h in exp.forward_hooks if h.enabled] + hook_list
+        hook_list = [f"{h.kind}:{h.name}" for h in self._all_hooks()]
         corpus = {
             "name": exp.data.corpus,
             "sha256": self.splits.corpus_sha256,
@@ -255,6 +307,13 @@ class Trainer:
             self._restore(self._payload)
         try:
             return self._train(run)
+        except HookFailure as exc:
+            latest = run.run_dir / "checkpoints" / checkpoint.LATEST
+            kept = f"the last checkpoint, {latest}, is intact" if latest.exists() else (
+                "no checkpoint had been written yet")  # fmt: skip
+            message = f"{exc} at step {self._current_step}; {kept}"
+            run.log("run_failed", step=self._current_step, error=message)
+            raise RunError(message) from exc
         finally:
             self.console.close()
             run.logger.close()
@@ -267,7 +326,9 @@ class Trainer:
             f"{'resuming' if resumed else 'run'} {run.run_id}: {self.model.n_params:,} parameters"
             f" on {self.device}, {len(self.splits.train):,} training tokens -> {run.run_dir}"
         )
-        self._hook["on_run_start"](run=run)
+        for entry in self._all_hooks():
+            entry.start(run)
+        self._event["on_run_start"](run=run)
         tokens_per_step = t.batch_size * exp.model.context_length
         started = time.perf_counter()
         start_step = self.step
@@ -276,20 +337,28 @@ class Trainer:
         tokens_per_s = 0.0
         self.model.train()
         while self.step < t.max_steps:
+            step = self._current_step = self.step + 1
+            last_step = step == t.max_steps
+            log_now = step % t.log_every == 0 or last_step
             lr = self._set_lr(self.step)
             x, y = self.stream.next_batch()
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
+            watching = self.forward_hooks.begin("train", step) if self.forward_hooks else None
             _, loss = self.model(x, y)
             assert loss is not None
+            if watching:
+                self._log_forward_hooks(run, step, "train", watching)
             loss.backward()
+            if self.update_hooks is not None:
+                for entry, hook_metrics in self.update_hooks.apply(step, log_now):
+                    run.log("update_hook", step=step, name=entry.name, metrics=hook_metrics)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            self.step = step
             window_steps += 1
             metrics: dict[str, Any] = {"lr": lr}
-            last_step = self.step == t.max_steps
-            if self.step % t.log_every == 0 or last_step:
+            if log_now:
                 last_loss = loss.item()  # the only host sync of a training step
                 now = time.perf_counter()
                 tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
@@ -311,7 +380,7 @@ class Trainer:
                     per_step * (t.max_steps - self.step),
                     self.last_val_loss,
                 )
-            self._hook["on_step_end"](run=run, step=self.step, metrics=metrics)
+            self._event["on_step_end"](run=run, step=self.step, metrics=metrics)
             if (t.eval_every and self.step % t.eval_every == 0) or last_step:
                 self._evaluate(run)
             if (exp.sampling.every and self.step % exp.sampling.every == 0) or last_step:
@@ -333,7 +402,7 @@ class Trainer:
             "run_dir": str(run.run_dir),
         }
         run.log("run_end", summary=summary)
-        self._hook["on_run_end"](run=run, summary=summary)
+        self._event["on_run_end"](run=run, summary=summary)
         self.console.say(
             f"finished {run.run_id} at step {self.step}: val_loss {self.last_val_loss:.4f}; "
             f"outputs in {run.run_dir}"
@@ -346,15 +415,25 @@ class Trainer:
             group["lr"] = base * factor
         return self.base_lrs[0] * factor
 
+    def _log_forward_hooks(
+        self, run: Run, step: int, phase: str, active: list[EnabledHook]
+    ) -> None:
+        assert self.forward_hooks is not None
+        for entry, metrics in self.forward_hooks.end(phase, step, active):
+            run.log("forward_hook", step=step, name=entry.name, phase=phase, metrics=metrics)
+
     def _evaluate(self, run: Run) -> None:
+        watching = self.forward_hooks.begin("eval", self.step) if self.forward_hooks else None
         val_loss = evaluate(self.model, self.val_batches, self.device)
+        if watching:
+            self._log_forward_hooks(run, self.step, "eval", watching)
         val_bpc = bits_per_char(val_loss, self.splits.chars_per_token)
         self.last_val_loss = val_loss
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
         run.log("eval", step=self.step, val_loss=val_loss, val_bpc=val_bpc)
         self.console.say(f"step {self.step}: val_loss {val_loss:.4f} ({val_bpc:.3f} bits/char)")
-        self._hook["on_eval"](
+        self._event["on_eval"](
             run=run, step=self.step, metrics={"val_loss": val_loss, "val_bpc": val_bpc}
         )
 
@@ -384,6 +463,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else {},
             "data": self.stream.state_dict(),
+            "update_hooks": self.update_hooks.state_dict() if self.update_hooks else [],
             "rng": checkpoint.rng_state(),
             "experiment": self.exp.to_dict(),
             "tokenizer": tokenizer_record(self.exp, self.tokenizer),
@@ -400,7 +480,7 @@ class Trainer:
         checkpoint.point_latest(path)
         checkpoint.prune(folder, self.exp.training.keep_checkpoints)
         run.log("checkpoint", step=self.step, path=str(path.relative_to(run.run_dir)))
-        self._hook["on_checkpoint"](run=run, step=self.step, path=path)
+        self._event["on_checkpoint"](run=run, step=self.step, path=path)
         return path
 
 

@@ -42,6 +42,13 @@ def test_builtins_provide_the_reference_components(manager: PluginManager) -> No
         ("schedule", "constant"): "slmkit_builtin.constant",
         ("corpus", "file"): "slmkit_builtin.corpora",
         ("corpus", "python_docs"): "slmkit_builtin.corpora",
+        ("forward_hook", "activation_stats"): "slmkit_builtin.forward_hooks",
+        ("forward_hook", "attention_entropy"): "slmkit_builtin.forward_hooks",
+        ("forward_hook", "capture"): "slmkit_builtin.forward_hooks",
+        ("update_hook", "clip_grad_norm"): "slmkit_builtin.update_hooks",
+        ("update_hook", "grad_stats"): "slmkit_builtin.update_hooks",
+        ("update_hook", "grad_noise"): "slmkit_builtin.update_hooks",
+        ("update_hook", "grokfast"): "slmkit_builtin.update_hooks",
     }
     assert [p.name for p in manager.all_plugins()] == list(DEFAULT_PLUGINS)
     assert all(p.builtin and not p.broken for p in manager.all_plugins())

@@ -5,7 +5,13 @@
 
 Attention is causal multi-head self-attention. By default it runs PyTorch's fused
 ``scaled_dot_product_attention``; ``attention = "explicit"`` spells the same computation
-out (scores, mask, softmax, weighted sum) for reading and for checking the fused path.
+out (scores, mask, softmax, weighted sum) for reading and for checking the fused path. The
+fused path never materializes the attention pattern; when a forward hook watches
+``attn.hook_pattern`` it is computed on the side, so watching changes no output.
+
+Hook points (shapes in docs/hooks.md): ``hook_resid_pre``, ``attn.hook_q/k/v``,
+``attn.hook_pattern``, ``attn.hook_out``, ``mlp.hook_pre``, ``mlp.hook_post``,
+``hook_resid_post``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 
 import slmkit
 from slmkit.components import BlockContext, ModelDims
+from slmkit.hooks import HookPoint
 from slmkit.options import one_of
 
 
@@ -52,6 +59,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dims.dropout
         self.resid_dropout = nn.Dropout(dims.dropout)
         self.explicit = options.attention == "explicit"
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_out = HookPoint()
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         batch, time, d_model = x.shape
@@ -60,12 +70,19 @@ class CausalSelfAttention(nn.Module):
             t.view(batch, time, self.n_heads, self.d_head).transpose(1, 2)
             for t in self.qkv(x).split(d_model, dim=2)
         )
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if ctx.cache is not None:
             k, v = ctx.cache.append(k, v)
         dropout = self.dropout if self.training else 0.0
-        y = self._explicit(q, k, v, dropout) if self.explicit else self._fused(q, k, v, dropout)
+        if self.explicit:
+            y = self._explicit(q, k, v, dropout)
+        else:
+            if self.hook_pattern.active:
+                with torch.no_grad():
+                    self.hook_pattern(self._pattern(q, k))
+            y = self._fused(q, k, v, dropout)
         y = y.transpose(1, 2).contiguous().view(batch, time, d_model)  # heads side by side
-        return self.resid_dropout(self.proj(y))
+        return self.resid_dropout(self.hook_out(self.proj(y)))
 
     def _fused(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
@@ -76,15 +93,18 @@ class CausalSelfAttention(nn.Module):
         mask = None if n_queries == 1 else causal_mask(n_queries, n_keys, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
-    def _explicit(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
-    ) -> torch.Tensor:
+    def _pattern(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Attention weights (batch, n_heads, queries, keys); each row sums to 1."""
         # Scaled dot products: dividing by sqrt(d_head) keeps the softmax out of saturation.
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
         mask = causal_mask(q.shape[2], k.shape[2], q.device)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        pattern = F.dropout(scores.softmax(dim=-1), p=dropout, training=dropout > 0)
-        return pattern @ v
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+    def _explicit(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
+    ) -> torch.Tensor:
+        pattern = self.hook_pattern(self._pattern(q, k))
+        return F.dropout(pattern, p=dropout, training=dropout > 0) @ v
 
 
 class MLP(nn.Module):
@@ -95,9 +115,11 @@ class MLP(nn.Module):
         self.fc = nn.Linear(dims.d_model, dims.d_ff, bias=options.bias)
         self.proj = nn.Linear(dims.d_ff, dims.d_model, bias=options.bias)
         self.dropout = nn.Dropout(dims.dropout)
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        hidden = self.hook_post(F.gelu(self.hook_pre(self.fc(x))))
+        return self.dropout(self.proj(hidden))
 
 
 class GPTBlock(nn.Module):
@@ -109,6 +131,7 @@ class GPTBlock(nn.Module):
         self.attn = CausalSelfAttention(dims, options)
         self.ln_2 = nn.LayerNorm(dims.d_model, bias=options.bias)
         self.mlp = MLP(dims, options)
+        self.hook_resid_pre, self.hook_resid_post = HookPoint(), HookPoint()
         self._init_weights(dims.n_layers)
 
     def _init_weights(self, n_layers: int) -> None:
@@ -124,8 +147,9 @@ class GPTBlock(nn.Module):
             nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
         x = x + self.attn(self.ln_1(x), ctx)
-        return x + self.mlp(self.ln_2(x))
+        return self.hook_resid_post(x + self.mlp(self.ln_2(x)))
 
 
 @slmkit.hookimpl

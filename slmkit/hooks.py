@@ -1,0 +1,178 @@
+"""Forward hooks and update hooks: how the kernel attaches and calls them.
+
+Hook points are identity modules placed in the model (``hook_embed``,
+``blocks.0.hook_resid_post``...); their module path is their name. A forward hook observes
+the activations flowing through the points it selects by glob. With no hook attached a
+point costs one attribute check: :class:`HookPoint` bypasses ``nn.Module.__call__``.
+
+Update hooks transform ``p.grad`` in place after backward and before the optimizer step, in
+the order the experiment lists them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmkit.errors import HookFailure
+
+Observer = Callable[[str, torch.Tensor], None]
+
+
+class HookPoint(nn.Module):
+    """An identity module where forward hooks can watch a tensor go by.
+
+    ``name`` is set by the model to the point's module path. Observers receive
+    ``(name, tensor.detach())``; what they return is discarded, so they cannot change the
+    model's outputs (they must not modify the tensor in place either).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = ""
+        self.observers: list[Observer] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether any hook is attached (blocks use it to skip optional work)."""
+        return bool(self.observers)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Deliberately not nn.Module.__call__: a point nobody watches costs one check.
+        if self.observers:
+            detached = x.detach()
+            for observe in self.observers:
+                observe(self.name, detached)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity."""
+        return x
+
+
+def name_hook_points(model: nn.Module) -> dict[str, HookPoint]:
+    """Give every :class:`HookPoint` of ``model`` its module path as name; return them."""
+    points = {}
+    for name, module in model.named_modules():
+        if isinstance(module, HookPoint):
+            module.name = name
+            points[name] = module
+    return points
+
+
+def select_points(points: Sequence[str], patterns: Sequence[str]) -> dict[str, list[str]]:
+    """``{pattern: [matching points]}``; ``*`` matches across dots (``blocks.*.hook_q``)."""
+    return {p: [name for name in points if fnmatch.fnmatchcase(name, p)] for p in patterns}
+
+
+def parameter_layer(name: str) -> str:
+    """The layer a parameter belongs to: ``blocks.2.attn.qkv.weight`` -> ``blocks.2``."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 1 else parts[0]
+
+
+def to_plain(value: Any) -> Any:
+    """Metrics as JSON values: tensors become floats or lists (one device sync each)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    return value
+
+
+class EnabledHook:
+    """One hook component enabled by an experiment table."""
+
+    def __init__(self, kind: str, name: str, plugin: str, hook: Any, every: int = 1) -> None:
+        self.kind, self.name, self.plugin, self.hook, self.every = kind, name, plugin, hook, every
+        self.points: list[str] = []
+
+    @property
+    def label(self) -> str:
+        """``update hook 'clip_grad_norm'``."""
+        return f"{self.kind.replace('_', ' ')} {self.name!r}"
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Call ``hook.method(*args)``; an exception becomes a :class:`HookFailure`."""
+        try:
+            return getattr(self.hook, method)(*args)
+        except HookFailure:
+            raise
+        except Exception as exc:
+            raise HookFailure(f"{self.label}.{method}", self.plugin, exc) from exc
+
+    def start(self, run: Any) -> None:
+        """Call the hook's optional ``start(run)``."""
+        if hasattr(self.hook, "start"):
+            self.call("start", run)
+
+
+class ForwardHooks:
+    """The enabled forward hooks of a run, attached to their points pass by pass."""
+
+    def __init__(self, hooks: list[EnabledHook], points: dict[str, HookPoint]) -> None:
+        self.hooks, self.points = hooks, points
+
+    def begin(self, phase: str, step: int) -> list[EnabledHook]:
+        """Attach the hooks that observe this pass; return them."""
+        active = [h for h in self.hooks if phase in h.hook.phases and step % h.every == 0]
+        for entry in active:
+            observer = self._observer(entry)
+            for name in entry.points:
+                self.points[name].observers.append(observer)
+        return active
+
+    @staticmethod
+    def _observer(entry: EnabledHook) -> Observer:
+        def observe(point: str, activation: torch.Tensor) -> None:
+            with torch.no_grad():
+                entry.call("observe", point, activation)
+
+        return observe
+
+    def end(
+        self, phase: str, step: int, active: list[EnabledHook]
+    ) -> list[tuple[EnabledHook, Any]]:
+        """Detach everything; ``(hook, metrics)`` from each active hook's ``flush``."""
+        for point in self.points.values():
+            point.observers.clear()
+        results = []
+        for entry in active:
+            metrics = entry.call("flush", step, phase)
+            if metrics is not None:
+                results.append((entry, to_plain(metrics)))
+        return results
+
+
+class UpdateHooks:
+    """The enabled update hooks of a run, applied in order to the gradients."""
+
+    def __init__(
+        self, hooks: list[EnabledHook], parameters: list[tuple[str, nn.Parameter]]
+    ) -> None:
+        self.hooks, self.parameters = hooks, parameters
+
+    def apply(self, step: int, log: bool) -> list[tuple[EnabledHook, Any]]:
+        """Run every hook on the gradients; ``(hook, metrics)`` for the log when ``log``."""
+        results = []
+        for entry in self.hooks:
+            metrics = entry.call("apply", self.parameters, step, log)
+            if log and metrics is not None:
+                results.append((entry, to_plain(metrics)))
+        return results
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """Each hook's state (empty for stateless hooks), in order."""
+        return [h.call("state_dict") if hasattr(h.hook, "state_dict") else {} for h in self.hooks]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        for entry, state in zip(self.hooks, states, strict=True):
+            if hasattr(entry.hook, "load_state_dict"):
+                entry.call("load_state_dict", state)
