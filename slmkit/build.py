@@ -20,28 +20,38 @@ from slmkit.options import OptionValueError
 from slmkit.plugins import PluginManager
 
 
-def _factory(manager: PluginManager, exp: Experiment, kind: str, name: str) -> Any:
-    return manager.component(kind, name, exp.participants).factory
+def _factory(manager: PluginManager, exp: Experiment, kind: str, name: str, table: str) -> Any:
+    """The component's factory; an option error it raises names the file and ``table``."""
+    factory = manager.component(kind, name, exp.participants).factory
+
+    def build(*args: Any) -> Any:
+        try:
+            return factory(*args)
+        except OptionValueError as exc:
+            raise ConfigError(exp.source, f"{table}.{exc.key}", exc.message) from None
+
+    return build
 
 
 def build_tokenizer(exp: Experiment, manager: PluginManager) -> Tokenizer:
     """A fresh (untrained) tokenizer."""
-    return _factory(manager, exp, "tokenizer", exp.tokenizer.name)(exp.tokenizer.options)
+    make = _factory(manager, exp, "tokenizer", exp.tokenizer.name, "tokenizer")
+    return make(exp.tokenizer.options)
 
 
-def read_experiment_corpus(exp: Experiment, manager: PluginManager, source: str) -> str:
-    """The corpus text; corpus problems become errors naming ``source`` and the data key."""
+def read_experiment_corpus(exp: Experiment, manager: PluginManager) -> str:
+    """The corpus text; corpus problems become errors naming the file and the data key."""
     from slmkit.data import read_corpus
 
     try:
-        corpus = _factory(manager, exp, "corpus", exp.data.corpus)(exp.data.options)
+        corpus = _factory(manager, exp, "corpus", exp.data.corpus, "data")(exp.data.options)
         return read_corpus(corpus)
-    except OptionValueError as exc:
-        raise ConfigError(source, f"data.{exc.key}", exc.message) from None
+    except OptionValueError as exc:  # raised while reading, by texts()
+        raise ConfigError(exp.source, f"data.{exc.key}", exc.message) from None
     except DataError as exc:
-        raise ConfigError(source, "data", str(exc)) from None
+        raise ConfigError(exp.source, "data", str(exc)) from None
     except OSError as exc:
-        raise ConfigError(source, "data", f"cannot read the corpus: {exc}") from None
+        raise ConfigError(exp.source, "data", f"cannot read the corpus: {exc}") from None
 
 
 def model_dims(exp: Experiment, vocab_size: int) -> ModelDims:
@@ -61,7 +71,7 @@ def model_dims(exp: Experiment, vocab_size: int) -> ModelDims:
 def build_model(exp: Experiment, manager: PluginManager, tokenizer: Tokenizer) -> LanguageModel:
     """The model, initialised from the current torch RNG state (seed before calling)."""
     dims = model_dims(exp, tokenizer.vocab_size)
-    make = _factory(manager, exp, "block", exp.model.block)
+    make = _factory(manager, exp, "block", exp.model.block, "model")
     return LanguageModel(
         dims, lambda layer: make(dims, exp.model.options, layer), pad_id=tokenizer.pad_id
     )
@@ -71,13 +81,13 @@ def build_optimizer(
     exp: Experiment, manager: PluginManager, model: LanguageModel
 ) -> torch.optim.Optimizer:
     """The optimizer over the model's decay / no-decay groups."""
-    make = _factory(manager, exp, "optimizer", exp.optimizer.name)
+    make = _factory(manager, exp, "optimizer", exp.optimizer.name, "optimizer")
     return make(model.param_groups(exp.optimizer.learning_rate), exp.optimizer.options)
 
 
 def build_schedule(exp: Experiment, manager: PluginManager) -> Schedule:
     """The learning-rate schedule for ``training.max_steps`` steps."""
-    make = _factory(manager, exp, "schedule", exp.schedule.name)
+    make = _factory(manager, exp, "schedule", exp.schedule.name, "schedule")
     return make(exp.schedule.options, exp.training.max_steps)
 
 

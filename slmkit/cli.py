@@ -113,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trained = load_trained(args.run, manager, args.device)
     exp, tokenizer = trained.experiment, trained.tokenizer
     source = f"{args.run} (experiment)"
-    text = read_experiment_corpus(exp, manager, source)
+    text = read_experiment_corpus(exp, manager)
     try:
         splits = prepare_splits(
             text, tokenizer, exp.data.val_fraction, exp.model.context_length, train_tokenizer=False

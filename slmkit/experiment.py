@@ -199,6 +199,8 @@ class Experiment:
     update_hooks: tuple[UpdateHookSection, ...] = ()
     #: the participating plugins, in order (built-ins minus disabled, plus enabled)
     participants: tuple[str, ...] = attrs.field(default=(), eq=False)
+    #: where the experiment came from (a file name), for error messages
+    source: str = attrs.field(default="<experiment>", eq=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical nested dict: kernel keys and component options side by side."""
@@ -449,7 +451,7 @@ def experiment_from_dict(
             )
             for i, entry in enumerate(entries)
         )
-    return Experiment(**sections, participants=tuple(participants))
+    return Experiment(**sections, participants=tuple(participants), source=source)
 
 
 def _component_section(

@@ -147,7 +147,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(exp, manager)
         if payload is not None:
             self.tokenizer.load_state_dict(payload["tokenizer"]["state"])
-        text = read_experiment_corpus(exp, manager, source)
+        text = read_experiment_corpus(exp, manager)
         try:
             self.splits: Splits = prepare_splits(
                 text,
