@@ -1,12 +1,15 @@
-"""Checkpoints: atomic writes, safe loads, and the RNG state that makes resume exact.
+"""Checkpoints: atomic writes, safe and verified loads, and the RNG state for exact resume.
 
 A checkpoint holds only tensors and plain Python values (the experiment as a dict, RNG
 states as tensors and tuples), so ``torch.load(weights_only=True)`` reads it and loading
-a checkpoint can never execute code.
+a checkpoint can never execute code. Each carries a sha256 of its own contents: torch's
+file format does not notice flipped bytes inside tensor data, so a damaged file would
+otherwise load with wrong weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -35,14 +38,44 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _feed(hasher: Any, value: Any) -> None:
+    """Hash a nested structure of tensors and plain values, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().to("cpu").contiguous().reshape(-1)
+        hasher.update(f"T{tensor.dtype}{tuple(value.shape)}".encode())
+        hasher.update(tensor.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        hasher.update(b"{")
+        for key in sorted(value, key=repr):
+            _feed(hasher, key)
+            _feed(hasher, value[key])
+        hasher.update(b"}")
+    elif isinstance(value, list | tuple):
+        hasher.update(b"[" if isinstance(value, list) else b"(")
+        for item in value:
+            _feed(hasher, item)
+        hasher.update(b"]")
+    else:
+        hasher.update(repr(value).encode())
+
+
+def digest(payload: dict[str, Any]) -> str:
+    """sha256 of a checkpoint payload's contents (its ``checksum`` entry left out)."""
+    hasher = hashlib.sha256()
+    _feed(hasher, {k: v for k, v in payload.items() if k != "checksum"})
+    return hasher.hexdigest()
+
+
 def atomic_save(payload: dict[str, Any], path: Path) -> None:
-    """Write ``payload`` to ``path`` so that a crash leaves either the old or the new file.
+    """Write ``payload`` (plus its checksum) so that a crash leaves the old or the new file.
 
     Written to a temporary file in the same folder, flushed to disk, then renamed over
-    ``path`` (rename is atomic within one file system).
+    ``path`` (rename is atomic within one file system). On any error the temporary file
+    is removed and ``path`` is untouched.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    payload = {**payload, "checksum": digest(payload)}
     try:
         with open(tmp, "wb") as f:
             torch.save(payload, f)
@@ -114,7 +147,35 @@ def load(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: checkpoint format {payload['format']}, this slmkit reads {FORMAT_VERSION}"
         )
+    if "checksum" in payload and payload["checksum"] != digest(payload):
+        raise CheckpointError(f"{path}: checksum mismatch: the file is damaged")
     return payload
+
+
+def load_newest_good(path: str | Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """Load a checkpoint; for a run folder, the newest one that loads and verifies.
+
+    A run folder means ``latest.pt``, then the ``step_<N>.pt`` files newest first.
+    Returns the path loaded, its payload and one line per damaged file skipped. An
+    explicit checkpoint file gets no fallback.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        file = resolve(path)
+        return file, load(file), []
+    folder = path / "checkpoints"
+    candidates = [folder / LATEST] + [p for _, p in reversed(step_files(folder))]
+    skipped: list[str] = []
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            return candidate, load(candidate), skipped
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+    if skipped:
+        raise CheckpointError(f"{path}: no loadable checkpoint: " + "; ".join(skipped))
+    raise CheckpointError(f"{path}: no checkpoints in this folder")
 
 
 def run_dir_of(checkpoint_path: Path) -> Path:

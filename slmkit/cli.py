@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Sequence
 
 from slmkit import __version__
-from slmkit.errors import SlmkitError
+from slmkit.errors import RunInterrupted, SlmkitError
 from slmkit.plugins import PluginManager
 
 
@@ -212,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_args(args)
         return int(args.func(args))
+    except RunInterrupted as exc:
+        print(f"slmkit: stopped by {exc}", file=sys.stderr)
+        return exc.exit_code
     except SlmkitError as exc:
         if args.debug:
             traceback.print_exc()

@@ -42,6 +42,14 @@ class RunError(SlmkitError):
     exit_code = 1
 
 
+class RunInterrupted(SlmkitError):
+    """A run stopped by SIGINT or SIGTERM after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class HookFailure(Exception):
     """An exception raised inside a plugin's hook, with who raised it and where.
 

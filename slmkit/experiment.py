@@ -115,6 +115,8 @@ class TrainingSection:
     checkpoint_every: int = attrs.field(default=200, validator=non_negative)
     keep_checkpoints: int = attrs.field(default=3, validator=positive)
     log_every: int = attrs.field(default=10, validator=positive)
+    #: a NaN/Inf loss or gradient: "stop" the run there, or "skip" that step's update
+    on_nonfinite: str = attrs.field(default="stop", validator=one_of(("stop", "skip")))
     device: str = attrs.field(default="auto", validator=one_of(("auto", "cpu", "cuda", "mps")))
 
 

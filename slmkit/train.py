@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,14 @@ from slmkit.build import (
 )
 from slmkit.components import Tokenizer
 from slmkit.data import BatchStream, Splits, prepare_splits, validation_batches
-from slmkit.errors import CheckpointError, ConfigError, DataError, HookFailure, RunError
+from slmkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    HookFailure,
+    RunError,
+    RunInterrupted,
+)
 from slmkit.experiment import Experiment, changed_keys
 from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
@@ -130,8 +139,14 @@ class Trainer:
         self.console = console or Console()
         self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
         self.device = resolve_device(exp.training.device, source)
-        self.resume_path = checkpoint.resolve(resume) if resume is not None else None
-        payload = checkpoint.load(self.resume_path) if self.resume_path else None
+        self.resume_path: Path | None = None
+        payload = None
+        if resume is not None:
+            self.resume_path, payload, skipped = checkpoint.load_newest_good(resume)
+            for problem in skipped:
+                self.console.say(f"warning: {problem}; skipping it")
+            if skipped:
+                self.console.say(f"resuming from {self.resume_path}, the newest good checkpoint")
         if payload is not None:
             changed = [
                 k
@@ -175,6 +190,7 @@ class Trainer:
             self.splits.val, exp.model.context_length, t.batch_size, t.eval_batches
         )
         self.step = 0
+        self.skipped_steps = 0
         self.best_val_loss: float | None = None
         self.last_val_loss: float | None = None
         self._payload = payload
@@ -262,6 +278,7 @@ class Trainer:
         if self.update_hooks is not None:
             self.update_hooks.load_state_dict(payload["update_hooks"])
         self.step = int(payload["step"])
+        self.skipped_steps = int(payload.get("skipped_steps", 0))
         self.best_val_loss = payload.get("best_val_loss")
         self.last_val_loss = payload.get("last_val_loss")
         saved_threads = payload.get("environment", {}).get("num_threads")
@@ -301,22 +318,73 @@ class Trainer:
     # -- training ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Train to ``training.max_steps``; return the summary logged in ``run_end``."""
+        """Train to ``training.max_steps``; return the summary logged in ``run_end``.
+
+        SIGINT and SIGTERM end the current step, save a checkpoint and raise
+        :class:`RunInterrupted`; a failure raises :class:`RunError` after logging
+        ``run_failed``. Checkpoints already written are never touched by either.
+        """
         run = self._open_run()
         if self._payload is not None:
             self._restore(self._payload)
+        previous = self._catch_signals()
         try:
             return self._train(run)
         except HookFailure as exc:
-            latest = run.run_dir / "checkpoints" / checkpoint.LATEST
-            kept = f"the last checkpoint, {latest}, is intact" if latest.exists() else (
-                "no checkpoint had been written yet")  # fmt: skip
-            message = f"{exc} at step {self._current_step}; {kept}"
+            message = f"{exc} at step {self._current_step}; {self._kept(run)}"
             run.log("run_failed", step=self._current_step, error=message)
             raise RunError(message) from exc
+        except RunError as exc:
+            run.log("run_failed", step=self._current_step, error=str(exc))
+            raise
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.console.close()
             run.logger.close()
+
+    def _catch_signals(self) -> dict[int, Any]:
+        """Turn SIGINT/SIGTERM into a request to stop after the current step."""
+        self._stop_signal: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self._stop_signal = signum
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, request_stop)
+        return previous
+
+    @staticmethod
+    def _kept(run: Run) -> str:
+        latest = run.run_dir / "checkpoints" / checkpoint.LATEST
+        if latest.exists():
+            return f"the last checkpoint, {latest}, is intact"
+        return "no checkpoint had been written yet"
+
+    def _stop(self, run: Run, saved: bool) -> None:
+        """Save (unless this step just did) and raise :class:`RunInterrupted`."""
+        assert self._stop_signal is not None
+        name = signal.Signals(self._stop_signal).name
+        path = run.run_dir / "checkpoints" / f"step_{self.step}.pt"
+        if not saved:
+            path = self.save_checkpoint(run)
+        run.log("run_interrupted", step=self.step, signal=name, checkpoint=str(path))
+        raise RunInterrupted(
+            f"{name} at step {self.step}: saved {path}; resume with: slmkit run "
+            f"{self.source} --resume {run.run_dir}",
+            exit_code=128 + self._stop_signal,
+        )
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss and every gradient are finite (one device read)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        return bool(torch.isfinite(loss.detach()) & torch.isfinite(total))
 
     def _train(self, run: Run) -> dict[str, Any]:
         exp, t = self.exp, self.exp.training
@@ -353,7 +421,17 @@ class Trainer:
             if self.update_hooks is not None:
                 for entry, hook_metrics in self.update_hooks.apply(step, log_now):
                     run.log("update_hook", step=step, name=entry.name, metrics=hook_metrics)
-            self.optimizer.step()
+            if self._finite(loss):
+                self.optimizer.step()
+            elif t.on_nonfinite == "skip":
+                self.skipped_steps += 1
+                run.log("nonfinite_skipped", step=step, skipped_steps=self.skipped_steps)
+                self.console.say(f"step {step}: non-finite loss or gradient; update skipped")
+            else:
+                raise RunError(
+                    f"non-finite loss or gradient at step {step}: stopped ({self._kept(run)}); "
+                    'training.on_nonfinite = "skip" would skip such steps instead'
+                )
             self.optimizer.zero_grad(set_to_none=True)
             self.step = step
             window_steps += 1
@@ -385,8 +463,11 @@ class Trainer:
                 self._evaluate(run)
             if (exp.sampling.every and self.step % exp.sampling.every == 0) or last_step:
                 self._sample(run)
-            if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last_step:
+            saved = (t.checkpoint_every and self.step % t.checkpoint_every == 0) or last_step
+            if saved:
                 self.save_checkpoint(run)
+            if self._stop_signal is not None and not last_step:
+                self._stop(run, bool(saved))
         elapsed = time.perf_counter() - started
         trained = (self.step - start_step) * tokens_per_step
         summary = {
@@ -394,6 +475,7 @@ class Trainer:
             "train_loss": last_loss,
             "val_loss": self.last_val_loss,
             "best_val_loss": self.best_val_loss,
+            "skipped_steps": self.skipped_steps,
             "val_bpc": None
             if self.last_val_loss is None
             else bits_per_char(self.last_val_loss, self.splits.chars_per_token),
@@ -469,6 +551,7 @@ class Trainer:
             "tokenizer": tokenizer_record(self.exp, self.tokenizer),
             "best_val_loss": self.best_val_loss,
             "last_val_loss": self.last_val_loss,
+            "skipped_steps": self.skipped_steps,
             "environment": environment(self.device),
         }
 
@@ -476,8 +559,11 @@ class Trainer:
         """Write ``step_<N>.pt`` atomically, point ``latest.pt`` at it, prune old ones."""
         folder = run.run_dir / "checkpoints"
         path = folder / f"step_{self.step}.pt"
-        checkpoint.atomic_save(self.checkpoint_payload(run.run_id), path)
-        checkpoint.point_latest(path)
+        try:
+            checkpoint.atomic_save(self.checkpoint_payload(run.run_id), path)
+            checkpoint.point_latest(path)
+        except OSError as exc:  # disk full, permissions...: the previous files are intact
+            raise RunError(f"could not write checkpoint {path}: {exc}; {self._kept(run)}") from exc
         checkpoint.prune(folder, self.exp.training.keep_checkpoints)
         run.log("checkpoint", step=self.step, path=str(path.relative_to(run.run_dir)))
         self._event["on_checkpoint"](run=run, step=self.step, path=path)
