@@ -140,8 +140,7 @@ class ForwardHooks:
         self, phase: str, step: int, active: list[EnabledHook]
     ) -> list[tuple[EnabledHook, Any]]:
         """Detach everything; ``(hook, metrics)`` from each active hook's ``flush``."""
-        for point in self.points.values():
-            point.observers.clear()
+        self.detach()
         results = []
         for entry in active:
             metrics = entry.call("flush", step, phase)

@@ -413,10 +413,15 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             watching = self.forward_hooks.begin("train", step) if self.forward_hooks else None
-            _, loss = self.model(x, y)
-            assert loss is not None
+            try:
+                _, loss = self.model(x, y)
+            except BaseException:
+                if self.forward_hooks is not None:
+                    self.forward_hooks.detach()  # leave the model clean for whoever holds it
+                raise
             if watching:
                 self._log_forward_hooks(run, step, "train", watching)
+            assert loss is not None
             loss.backward()
             if self.update_hooks is not None:
                 for entry, hook_metrics in self.update_hooks.apply(step, log_now):
@@ -506,7 +511,12 @@ class Trainer:
 
     def _evaluate(self, run: Run) -> None:
         watching = self.forward_hooks.begin("eval", self.step) if self.forward_hooks else None
-        val_loss = evaluate(self.model, self.val_batches, self.device)
+        try:
+            val_loss = evaluate(self.model, self.val_batches, self.device)
+        except BaseException:
+            if self.forward_hooks is not None:
+                self.forward_hooks.detach()
+            raise
         if watching:
             self._log_forward_hooks(run, self.step, "eval", watching)
         val_bpc = bits_per_char(val_loss, self.splits.chars_per_token)

@@ -44,14 +44,14 @@ class ActivationStats:
     def observe(self, point: str, activation: torch.Tensor) -> None:
         """Reduce one activation to its five statistics."""
         x = activation.float()
-        var, mean = torch.var_mean(x)
-        smallest, largest = torch.aminmax(x)
         n = x.numel()
-        # E[x^2] from the moments already computed: var is unbiased, so undo Bessel's factor
-        rms = (var * (n - 1) / n + mean * mean).sqrt()
+        var, mean = torch.var_mean(x, correction=0)  # one pass for both moments
+        smallest, largest = torch.aminmax(x)
+        rms = (var + mean * mean).sqrt()  # E[x^2] = Var[x] + E[x]^2
+        std = (var * (n / (n - 1))).sqrt() if n > 1 else var.new_tensor(float("nan"))
         near_zero = (x.abs() < self.near_zero).sum() / n
         self.pending[point] = torch.stack(
-            [mean, var.sqrt(), rms, torch.maximum(-smallest, largest), near_zero]
+            [mean, std, rms, torch.maximum(-smallest, largest), near_zero]
         )
 
     def flush(self, step: int, phase: str) -> dict[str, Any] | None:

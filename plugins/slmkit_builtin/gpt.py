@@ -127,11 +127,12 @@ class GPTBlock(nn.Module):
 
     def __init__(self, dims: ModelDims, options: GPTOptions, layer: int) -> None:
         super().__init__()
+        self.hook_resid_pre = HookPoint()
         self.ln_1 = nn.LayerNorm(dims.d_model, bias=options.bias)
         self.attn = CausalSelfAttention(dims, options)
         self.ln_2 = nn.LayerNorm(dims.d_model, bias=options.bias)
         self.mlp = MLP(dims, options)
-        self.hook_resid_pre, self.hook_resid_post = HookPoint(), HookPoint()
+        self.hook_resid_post = HookPoint()
         self._init_weights(dims.n_layers)
 
     def _init_weights(self, n_layers: int) -> None:
