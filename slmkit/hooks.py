@@ -136,6 +136,11 @@ class ForwardHooks:
 
         return observe
 
+    def detach(self) -> None:
+        """Remove every observer from every point."""
+        for point in self.points.values():
+            point.observers.clear()
+
     def end(
         self, phase: str, step: int, active: list[EnabledHook]
     ) -> list[tuple[EnabledHook, Any]]:

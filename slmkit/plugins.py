@@ -31,6 +31,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "slmkit_builtin.adamw",
     "slmkit_builtin.corpora",
     "slmkit_builtin.constant",
+    "slmkit_builtin.schedules",
     "slmkit_builtin.forward_hooks",
     "slmkit_builtin.update_hooks",
 )
