@@ -86,8 +86,16 @@ def prepare_splits(
                 f"context_length + 1 = {window}; use a larger corpus, a shorter "
                 "model.context_length or another data.val_fraction"
             )
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    digest = text_sha256(text)
     return Splits(train=train, val=val, n_chars=len(text), corpus_sha256=digest)
+
+
+def text_sha256(text: str, chunk: int = 1 << 22) -> str:
+    """sha256 of the UTF-8 text, hashed in chunks so no full-size copy is made."""
+    hasher = hashlib.sha256()
+    for start in range(0, len(text), chunk):
+        hasher.update(text[start : start + chunk].encode("utf-8", "surrogatepass"))
+    return hasher.hexdigest()
 
 
 def windows(tokens: torch.Tensor, context_length: int) -> torch.Tensor:

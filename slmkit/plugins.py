@@ -27,6 +27,7 @@ from slmkit.registry import REGISTRATION_HOOKS, Component, Registry
 #: built-in plugins, as dotted module paths, registered like any other plugin
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "slmkit_builtin.char",
+    "slmkit_builtin.bpe",
     "slmkit_builtin.gpt",
     "slmkit_builtin.adamw",
     "slmkit_builtin.corpora",

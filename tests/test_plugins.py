@@ -37,6 +37,7 @@ def test_builtins_provide_the_reference_components(manager: PluginManager) -> No
     provided = {(c.kind, c.name): c.plugin for c in manager.registry.components()}
     assert provided == {
         ("tokenizer", "char"): "slmkit_builtin.char",
+        ("tokenizer", "bpe"): "slmkit_builtin.bpe",
         ("block", "gpt"): "slmkit_builtin.gpt",
         ("optimizer", "adamw"): "slmkit_builtin.adamw",
         ("schedule", "constant"): "slmkit_builtin.constant",

@@ -131,6 +131,13 @@ def learn_merges(data: bytes, n_merges: int, base: int) -> list[tuple[int, int]]
 
     ``base`` (the vocabulary size) packs a pair into one integer key ``a * base + b``, so
     "smallest key" is "smallest ``(a, b)``", the tie-break.
+
+    Why the incremental counts are exact: a merge rewrites only the two ids of each
+    occurrence it replaces. A pair that touches neither survives unchanged (and stays
+    adjacent: the only id removed lies inside a replaced occurrence), so the counts change
+    only for the old pairs that touch a replaced occurrence, which go, and the new pairs
+    that touch a new token, which come. Each merge costs one vectorized scan for the
+    occurrences plus work proportional to their number, not a full recount.
     """
     ids = np.frombuffer(data, dtype=np.uint8).astype(ids_dtype(base))
     if len(ids) < 2 or n_merges <= 0:

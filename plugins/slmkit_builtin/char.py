@@ -86,14 +86,17 @@ def normalize(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.isascii():
         return text
-    text = unicodedata.normalize("NFKD", text).translate(_combining_marks())
-    return text.translate(TYPOGRAPHIC).translate(LETTERS)
+    return unicodedata.normalize("NFKD", text).translate(_ascii_spellings())
 
 
 @functools.cache
-def _combining_marks() -> dict[int, None]:
-    """Combining marks (accents) left over after decomposition, to drop: "é" -> "e"."""
-    return dict.fromkeys(c for c in range(0x110000) if unicodedata.combining(chr(c)))
+def _ascii_spellings() -> dict[int, str | None]:
+    """One table for after decomposition: drop combining marks ("é" -> "e" + accent ->
+    "e"), spell typographic characters and a few letters in ASCII."""
+    table: dict[int, str | None] = dict.fromkeys(
+        c for c in range(0x110000) if unicodedata.combining(chr(c))
+    )
+    return {**table, **TYPOGRAPHIC, **LETTERS}
 
 
 class CharTokenizer:
@@ -120,21 +123,28 @@ class CharTokenizer:
         return self.encode_to_tensor(text).tolist()
 
     def encode_to_tensor(self, text: str) -> torch.Tensor:
-        """Normalize and encode ``text`` into a uint8 tensor, vectorized."""
-        text = normalize(text)
-        out = torch.empty(len(text), dtype=torch.uint8)
-        for start in range(0, len(text), _CHUNK):
-            piece = text[start : start + _CHUNK]
-            if piece.isascii():
-                raw = torch.frombuffer(bytearray(piece.encode("ascii")), dtype=torch.uint8)
-                codes = raw.long()
-            else:
-                raw = torch.frombuffer(
-                    bytearray(piece.encode("utf-32-le", "surrogatepass")), dtype=torch.int32
-                )
-                codes = raw.clamp(max=128).long()
-            out[start : start + len(piece)] = self._table[codes]
-        return out
+        """Normalize and encode ``text`` into a uint8 tensor, vectorized, chunk by chunk.
+
+        Chunks bound the temporary copies that normalization and the int64 lookup make;
+        normalization is per character, so chunking changes nothing, as long as a
+        ``\r\n`` pair is never cut in two.
+        """
+        pieces, start = [], 0
+        while start < len(text):
+            end = min(start + _CHUNK, len(text))
+            if text[end - 1] == "\r" and end < len(text):
+                end += 1
+            pieces.append(self._encode_normalized(normalize(text[start:end])))
+            start = end
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8)
+
+    def _encode_normalized(self, piece: str) -> torch.Tensor:
+        if piece.isascii():
+            codes = torch.frombuffer(bytearray(piece.encode("ascii")), dtype=torch.uint8)
+        else:
+            raw = piece.encode("utf-32-le", "surrogatepass")
+            codes = torch.frombuffer(bytearray(raw), dtype=torch.int32).clamp(max=128)
+        return self._table[codes.long()]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Ids back to text; ``<PAD>`` decodes to nothing, ``<UNK>`` to U+FFFD."""
