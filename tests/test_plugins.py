@@ -127,9 +127,9 @@ def test_two_participants_registering_one_name_is_an_error_naming_both() -> None
 
 
 def test_a_component_of_a_plugin_not_enabled_says_which_entry_to_add(manager) -> None:
-    manager.add(tokenizer_plugin("slmkit-bpe", "bpe"), "slmkit-bpe")
-    with pytest.raises(PluginError, match=r'add it to \[plugins\] enable = \["slmkit-bpe"\]'):
-        manager.component("tokenizer", "bpe", manager.participants())
+    manager.add(tokenizer_plugin("slmkit-wordpiece", "wordpiece"), "slmkit-wordpiece")
+    with pytest.raises(PluginError, match=r'add it to \[plugins\] enable = \["slmkit-wordpiece"\]'):
+        manager.component("tokenizer", "wordpiece", manager.participants())
 
 
 def test_unknown_component_suggests_a_close_name(manager: PluginManager) -> None:
