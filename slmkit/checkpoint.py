@@ -138,8 +138,11 @@ def load(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "WeightsUnpickler error" in ln), None)
-        detail = detail or (lines[0] if lines else type(exc).__name__)
+        if "Weights only load failed" in str(exc):  # it holds something besides tensors
+            why = next((ln for ln in lines if "GLOBAL" in ln), "")
+            detail = f"refused by the weights-only loader, which never runs code: {why}"
+        else:
+            detail = lines[0] if lines else type(exc).__name__
         raise CheckpointError(f"{path}: not a loadable slmkit checkpoint ({detail})") from None
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not an slmkit checkpoint (missing keys)")
