@@ -109,6 +109,8 @@ class TrainingSection:
     """``[training]``: the loop's sizes and intervals (0 turns an interval off)."""
 
     batch_size: int = attrs.field(default=16, validator=positive)
+    #: micro-batches per optimizer step: the effective batch is batch_size x this
+    grad_accum_steps: int = attrs.field(default=1, validator=positive)
     max_steps: int = attrs.field(default=2000, validator=positive)
     eval_every: int = attrs.field(default=200, validator=non_negative)
     eval_batches: int = attrs.field(default=20, validator=positive)
@@ -117,6 +119,10 @@ class TrainingSection:
     log_every: int = attrs.field(default=10, validator=positive)
     #: a NaN/Inf loss or gradient: "stop" the run there, or "skip" that step's update
     on_nonfinite: str = attrs.field(default="stop", validator=one_of(("stop", "skip")))
+    #: autocast precision of forward passes (fp16 only on CUDA, with a gradient scaler)
+    precision: str = attrs.field(default="fp32", validator=one_of(("fp32", "bf16", "fp16")))
+    #: torch.compile the model (falls back with a warning where compiling fails)
+    compile: bool = False
     device: str = attrs.field(default="auto", validator=one_of(("auto", "cpu", "cuda", "mps")))
 
 

@@ -7,6 +7,7 @@ on resume, reopens) the folder and trains.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -179,6 +180,10 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         self.model = build_model(exp, manager, self.tokenizer).to(self.device)
+        self.autocast_dtype, self.scaler = self._precision()
+        self.compiled: Any = torch.compile(self.model) if exp.training.compile else None
+        self._compile_ok = False
+        self._run: Run | None = None
         self.forward_hooks = self._forward_hooks()
         self.update_hooks = self._update_hooks()
         self.optimizer = build_optimizer(exp, manager, self.model)
@@ -199,6 +204,20 @@ class Trainer:
             name: manager.event_caller(name, exp.participants)
             for name in ("on_run_start", "on_step_end", "on_eval", "on_checkpoint", "on_run_end")
         }
+
+    def _precision(self) -> tuple[torch.dtype | None, Any]:
+        """The autocast dtype (None for fp32) and, for fp16, a gradient scaler."""
+        precision = self.exp.training.precision
+        if precision == "fp32":
+            return None, None
+        if precision == "bf16":
+            return torch.bfloat16, None
+        if self.device.type != "cuda":
+            raise ConfigError(
+                self.source, "training.precision",
+                f'"fp16" needs a CUDA device (this run is on {self.device}); use "bf16"',
+            )  # fmt: skip
+        return torch.float16, torch.amp.GradScaler("cuda")
 
     # -- hooks ---------------------------------------------------------------------------
 
@@ -277,6 +296,8 @@ class Trainer:
         self.stream.load_state_dict(payload["data"])
         if self.update_hooks is not None:
             self.update_hooks.load_state_dict(payload["update_hooks"])
+        if self.scaler is not None and payload.get("grad_scaler"):
+            self.scaler.load_state_dict(payload["grad_scaler"])
         self.step = int(payload["step"])
         self.skipped_steps = int(payload.get("skipped_steps", 0))
         self.best_val_loss = payload.get("best_val_loss")
@@ -324,7 +345,7 @@ class Trainer:
         :class:`RunInterrupted`; a failure raises :class:`RunError` after logging
         ``run_failed``. Checkpoints already written are never touched by either.
         """
-        run = self._open_run()
+        run = self._run = self._open_run()
         if self._payload is not None:
             self._restore(self._payload)
         previous = self._catch_signals()
@@ -397,7 +418,7 @@ class Trainer:
         for entry in self._all_hooks():
             entry.start(run)
         self._event["on_run_start"](run=run)
-        tokens_per_step = t.batch_size * exp.model.context_length
+        tokens_per_step = t.batch_size * t.grad_accum_steps * exp.model.context_length
         started = time.perf_counter()
         start_step = self.step
         window_start, window_steps = time.perf_counter(), 0
@@ -409,40 +430,12 @@ class Trainer:
             last_step = step == t.max_steps
             log_now = step % t.log_every == 0 or last_step
             lr = self._set_lr(self.step)
-            x, y = self.stream.next_batch()
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            watching = self.forward_hooks.begin("train", step) if self.forward_hooks else None
-            try:
-                _, loss = self.model(x, y)
-            except BaseException:
-                if self.forward_hooks is not None:
-                    self.forward_hooks.detach()  # leave the model clean for whoever holds it
-                raise
-            if watching:
-                self._log_forward_hooks(run, step, "train", watching)
-            assert loss is not None
-            loss.backward()
-            if self.update_hooks is not None:
-                for entry, hook_metrics in self.update_hooks.apply(step, log_now):
-                    run.log("update_hook", step=step, name=entry.name, metrics=hook_metrics)
-            if self._finite(loss):
-                self.optimizer.step()
-            elif t.on_nonfinite == "skip":
-                self.skipped_steps += 1
-                run.log("nonfinite_skipped", step=step, skipped_steps=self.skipped_steps)
-                self.console.say(f"step {step}: non-finite loss or gradient; update skipped")
-            else:
-                raise RunError(
-                    f"non-finite loss or gradient at step {step}: stopped ({self._kept(run)}); "
-                    'training.on_nonfinite = "skip" would skip such steps instead'
-                )
-            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._train_step(run, step, log_now)
             self.step = step
             window_steps += 1
             metrics: dict[str, Any] = {"lr": lr}
             if log_now:
-                last_loss = loss.item()  # the only host sync of a training step
+                last_loss = loss.item()  # read back only when logging
                 now = time.perf_counter()
                 tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
                 window_start, window_steps = now, 0
@@ -496,6 +489,79 @@ class Trainer:
         )
         return summary
 
+    def _train_step(self, run: Run, step: int, log_now: bool) -> torch.Tensor:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; the mean loss."""
+        t = self.exp.training
+        total = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum_steps):
+            x, y = self.stream.next_batch()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            hooks = self.forward_hooks if micro == 0 else None  # watch the first micro-batch
+            watching = hooks.begin("train", step) if hooks else None
+            try:
+                with self._autocast():
+                    _, loss = self._forward(x, y)
+            except BaseException:
+                if self.forward_hooks is not None:
+                    self.forward_hooks.detach()  # leave the model clean for whoever holds it
+                raise
+            if watching:
+                self._log_forward_hooks(run, step, "train", watching)
+            assert loss is not None
+            loss = loss / t.grad_accum_steps  # gradients add up to those of the mean loss
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # update hooks see the true gradients
+        if self.update_hooks is not None:
+            for entry, hook_metrics in self.update_hooks.apply(step, log_now):
+                run.log("update_hook", step=step, name=entry.name, metrics=hook_metrics)
+        if self.scaler is not None:  # fp16: the scaler skips steps with inf/NaN itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self._finite(total):
+            self.optimizer.step()
+        elif t.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            run.log("nonfinite_skipped", step=step, skipped_steps=self.skipped_steps)
+            self.console.say(f"step {step}: non-finite loss or gradient; update skipped")
+        else:
+            raise RunError(
+                f"non-finite loss or gradient at step {step}: stopped ({self._kept(run)}); "
+                'training.on_nonfinite = "skip" would skip such steps instead'
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _autocast(self) -> Any:
+        """Mixed precision for the forward pass (a no-op for fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _forward(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model, compiled if asked; a first compiled call that fails falls back."""
+        if self.compiled is None:
+            return self.model(x, y)
+        if self._compile_ok:
+            return self.compiled(x, y)
+        try:
+            out = self.compiled(x, y)
+        except HookFailure:
+            raise
+        except Exception as exc:  # no C++ compiler, unsupported platform...
+            self.compiled = None
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            self.console.say(f"warning: torch.compile failed, training uncompiled: {first_line}")
+            if self._run is not None:
+                self._run.log("compile_failed", error=first_line)
+            return self.model(x, y)
+        self._compile_ok = True
+        return out
+
     def _set_lr(self, step: int) -> float:
         factor = self.schedule(step)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
@@ -512,7 +578,8 @@ class Trainer:
     def _evaluate(self, run: Run) -> None:
         watching = self.forward_hooks.begin("eval", self.step) if self.forward_hooks else None
         try:
-            val_loss = evaluate(self.model, self.val_batches, self.device)
+            with self._autocast():
+                val_loss = evaluate(self.model, self.val_batches, self.device)
         except BaseException:
             if self.forward_hooks is not None:
                 self.forward_hooks.detach()
@@ -556,6 +623,7 @@ class Trainer:
             "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else {},
             "data": self.stream.state_dict(),
             "update_hooks": self.update_hooks.state_dict() if self.update_hooks else [],
+            "grad_scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": checkpoint.rng_state(),
             "experiment": self.exp.to_dict(),
             "tokenizer": tokenizer_record(self.exp, self.tokenizer),
