@@ -94,6 +94,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.prompt,
         args.max_new_tokens,
         temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         seed=args.seed,
         device=trained.device,
         use_cache=not args.no_cache,
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="only the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--no-cache", action="store_true", help="recompute the context each token")
@@ -204,6 +208,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SlmkitError("--max-new-tokens: must be > 0")
     if getattr(args, "temperature", 1.0) <= 0:
         raise SlmkitError("--temperature: must be > 0")
+    if getattr(args, "top_k", 0) < 0:
+        raise SlmkitError("--top-k: must be >= 0")
+    if not 0 < getattr(args, "top_p", 1.0) <= 1:
+        raise SlmkitError("--top-p: must be in (0, 1]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -78,6 +78,8 @@ class ModelSection:
     d_ff: int = attrs.field(default=1024, validator=positive)
     dropout: float = attrs.field(default=0.1, validator=in_range(0, 1, high_open=True))
     context_length: int = attrs.field(default=256, validator=positive)
+    #: share the token embedding matrix with the output head
+    tie_embeddings: bool = False
     options: Any = None
 
     def __attrs_post_init__(self) -> None:
@@ -133,6 +135,10 @@ class SamplingSection:
     every: int = attrs.field(default=200, validator=non_negative)
     max_new_tokens: int = attrs.field(default=200, validator=positive)
     temperature: float = attrs.field(default=1.0, validator=positive)
+    #: sample only among the k most likely tokens (0: no limit)
+    top_k: int = attrs.field(default=0, validator=non_negative)
+    #: nucleus sampling: the most likely tokens covering this probability (1.0: no limit)
+    top_p: float = attrs.field(default=1.0, validator=in_range(0, 1, low_open=True))
     prompt: str = "\n"
 
 

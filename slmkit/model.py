@@ -107,6 +107,14 @@ class LanguageModel(nn.Module):
         )
         return logits, loss
 
+    def tie_embeddings(self) -> None:
+        """Share one matrix between the token embedding and the head (Press & Wolf, 2017).
+
+        The head's weights become the embedding's, so a token's input vector is also the
+        direction its logit reads: fewer parameters, often slightly better small models.
+        """
+        self.head.weight = self.tok_emb.weight
+
     @torch.no_grad()
     def generate(
         self,
@@ -114,15 +122,18 @@ class LanguageModel(nn.Module):
         max_new_tokens: int,
         *,
         temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` after ``prompt`` (shape ``(batch, time)``).
 
-        Draws from ``softmax(logits / temperature)`` with ``generator``, never the global
-        RNG, so sampling cannot shift a training run. When the context window is full the
-        cache restarts from the last three quarters of it: positions are absolute, so a
-        cache cannot simply slide.
+        Draws from ``softmax(logits / temperature)`` restricted by ``top_k`` and ``top_p``
+        (see :func:`filter_logits`) with ``generator``, never the global RNG, so sampling
+        cannot shift a training run. When the context window is full the cache restarts
+        from the last three quarters of it: positions are absolute, so a cache cannot
+        simply slide.
         """
         was_training = self.training
         self.eval()
@@ -140,9 +151,32 @@ class LanguageModel(nn.Module):
                 elif caches[0].length + pending.shape[1] > context:
                     caches, pending = [KVCache() for _ in self.blocks], out[:, -keep:]
                 logits, _ = self(pending, caches=caches)
-            probs = F.softmax(logits[:, -1, :].float() / temperature, dim=-1)
+            scaled = filter_logits(logits[:, -1, :].float() / temperature, top_k, top_p)
+            probs = F.softmax(scaled, dim=-1)
             token = torch.multinomial(probs, num_samples=1, generator=generator)
             out = torch.cat([out, token], dim=1)
             pending = token
         self.train(was_training)
         return out
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Set to -inf every logit that ``top_k`` and ``top_p`` rule out (last dim: vocab).
+
+    ``top_k``: keep the k largest logits. ``top_p`` (nucleus sampling, Holtzman et al.
+    2020): keep the smallest set of most likely tokens whose probabilities add up to at
+    least ``top_p``; the most likely token always stays. Both together keep what both keep.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the ones before it already reach top_p
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits

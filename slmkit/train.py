@@ -107,6 +107,8 @@ def sample_text(
     temperature: float,
     seed: int,
     device: torch.device,
+    top_k: int = 0,
+    top_p: float = 1.0,
     use_cache: bool = True,
 ) -> str:
     """Sample a continuation of ``prompt`` with a generator of its own, seeded by ``seed``."""
@@ -117,6 +119,8 @@ def sample_text(
         prompt_ids,
         max_new_tokens,
         temperature=temperature,
+        top_k=top_k or None,
+        top_p=top_p,
         generator=generator,
         use_cache=use_cache,
     )
@@ -604,6 +608,8 @@ class Trainer:
             s.prompt,
             s.max_new_tokens,
             temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
             seed=self.exp.experiment.seed + self.step,
             device=self.device,
         )
