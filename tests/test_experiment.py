@@ -110,7 +110,7 @@ ERRORS = [
     ({"optimizer": {"betas": [0.9]}}, "optimizer.betas: expected two numbers"),
     ({"optimizer": {"betas": "0.9"}}, "optimizer.betas: expected an array, got string"),
     ({"optimizer": {"betas": [0.9, "x"]}}, "optimizer.betas.1: expected a number, got string"),
-    ({"tokenizer": {"name": "bpe"}}, "tokenizer.name: unknown tokenizer 'bpe'"),
+    ({"tokenizer": {"name": "wordpiece"}}, "tokenizer.name: unknown tokenizer 'wordpiece'"),
     ({"model": {"block": "llama"}}, "model.block: unknown block 'llama'"),
     ({"data": {"corpus": "wiki"}}, "data.corpus: unknown corpus 'wiki'"),
     ({"training": {"device": "tpu"}}, "training.device: must be one of 'auto', 'cpu'"),
