@@ -40,7 +40,7 @@ from slmkit.errors import (
     RunError,
     RunInterrupted,
 )
-from slmkit.experiment import Experiment, changed_keys
+from slmkit.experiment import Experiment, changed_keys, experiment_from_dict
 from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
 from slmkit.options import OptionValueError
@@ -153,9 +153,14 @@ class Trainer:
             if skipped:
                 self.console.say(f"resuming from {self.resume_path}, the newest good checkpoint")
         if payload is not None:
+            # Resolved again, so keys added (with defaults) since the checkpoint was written
+            # do not count as changes.
+            saved = experiment_from_dict(
+                payload["experiment"], manager, f"{self.resume_path} (experiment)"
+            )
             changed = [
                 k
-                for k in changed_keys(payload["experiment"], exp.to_dict())
+                for k in changed_keys(saved.to_dict(), exp.to_dict())
                 if k not in RESUMABLE_CHANGES
             ]
             if changed:

@@ -193,3 +193,18 @@ def test_resume_after_sigkill_is_bit_exact(write_experiment, manager, tmp_path) 
     # the killed run may have logged steps after its last checkpoint: keep the last record
     assert dict(losses(resumed)) == dict(losses(full))
     assert_same_parameters(resumed, full)
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_key_existed(
+    write_experiment, manager, tmp_path
+) -> None:
+    path = write_experiment({"training": {"max_steps": 4, "checkpoint_every": 2}})
+    run_dir = train(path, tmp_path / "runs", manager, ["training.max_steps=2"])
+    latest = run_dir / "checkpoints" / "latest.pt"
+    payload = checkpoint.load(latest)
+    del payload["experiment"]["training"]["grad_accum_steps"]  # as an older slmkit wrote it
+    latest.unlink()
+    checkpoint.atomic_save(payload, latest)
+    assert [s for s, _ in losses(train(path, tmp_path / "x", manager, resume=run_dir))] == [
+        1, 2, 3, 4,
+    ]  # fmt: skip
