@@ -47,12 +47,14 @@ def start(path: Path, *args: str) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def wait_for(condition, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for(
+    condition, timeout: float = 120.0, proc: subprocess.Popen | None = None, interval: float = 0.005
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         assert proc is None or proc.poll() is None, "the run ended too early"
-        time.sleep(0.005)
+        time.sleep(interval)
 
 
 LONG = {"training": {"max_steps": 400, "checkpoint_every": 20, "eval_every": 0},
@@ -113,7 +115,7 @@ def test_sigkill_at_random_moments_loses_nothing(write_experiment, tmp_path, cap
     while kills < 12:
         if kills % 2:  # aim at a checkpoint being written
             try:
-                wait_for(lambda: any(folder.glob(".*.tmp")), timeout=5, proc=proc)
+                wait_for(lambda: any(folder.glob(".*.tmp")), timeout=5, proc=proc, interval=0.0002)
             except AssertionError:
                 if proc.poll() is not None:
                     break
