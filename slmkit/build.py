@@ -134,6 +134,8 @@ def load_trained(path: str | Path, manager: PluginManager, device: str = "auto")
     with torch.device("meta"):  # no initialisation work: the weights come from the file
         model = build_model(exp, manager, tokenizer)
     model = model.to_empty(device=target)
+    if exp.model.tie_embeddings:  # to_empty gives each module its own new tensor
+        model.tie_embeddings()
     model.load_state_dict(payload["model"])
     model.eval()
     return TrainedModel(exp, tokenizer, model, target, int(payload["step"]), ckpt_path)
