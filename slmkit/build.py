@@ -72,8 +72,12 @@ def build_model(exp: Experiment, manager: PluginManager, tokenizer: Tokenizer) -
     """The model, initialised from the current torch RNG state (seed before calling)."""
     dims = model_dims(exp, tokenizer.vocab_size)
     make = _factory(manager, exp, "block", exp.model.block, "model")
+    block = manager.component("block", exp.model.block, exp.participants)
     model = LanguageModel(
-        dims, lambda layer: make(dims, exp.model.options, layer), pad_id=tokenizer.pad_id
+        dims,
+        lambda layer: make(dims, exp.model.options, layer),
+        pad_id=tokenizer.pad_id,
+        learned_positions=getattr(block.factory, "learned_positions", True),
     )
     if exp.model.tie_embeddings:
         model.tie_embeddings()

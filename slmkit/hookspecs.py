@@ -54,7 +54,9 @@ def register_blocks(register: Register) -> None:
 
     Called once at start-up. ``factory(dims, options, layer)`` returns an ``nn.Module``
     following :class:`~slmkit.components.Block`: ``dims`` is the model's
-    :class:`~slmkit.components.ModelDims`, ``layer`` the block's index from 0.
+    :class:`~slmkit.components.ModelDims`, ``layer`` the block's index from 0. A factory
+    with the attribute ``learned_positions = False`` (e.g. a block using rotary embeddings,
+    which reads ``ctx.positions``) gets a model without the learned position table.
     The experiment picks one with ``[model] block = "..."``.
     """
 

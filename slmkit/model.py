@@ -42,19 +42,25 @@ class LanguageModel(nn.Module):
         dims: ModelDims,
         make_block: Callable[[int], nn.Module],
         pad_id: int | None = None,
+        *,
+        learned_positions: bool = True,
     ) -> None:
         super().__init__()
         self.dims = dims
         self.pad_id = pad_id
         self.tok_emb = nn.Embedding(dims.vocab_size, dims.d_model)
-        self.pos_emb = nn.Embedding(dims.context_length, dims.d_model)
+        # Blocks that encode positions themselves (rotary embeddings) need no table.
+        self.pos_emb = (
+            nn.Embedding(dims.context_length, dims.d_model) if learned_positions else None
+        )
         self.hook_embed = HookPoint()
         self.drop = nn.Dropout(dims.dropout)
         self.blocks = nn.ModuleList(make_block(layer) for layer in range(dims.n_layers))
         self.ln_f = FinalNorm(dims.d_model)
         self.head = nn.Linear(dims.d_model, dims.vocab_size, bias=False)
-        for weight in (self.tok_emb.weight, self.pos_emb.weight, self.head.weight):
-            nn.init.normal_(weight, mean=0.0, std=0.02)  # GPT-2 initialisation
+        for module in (self.tok_emb, self.pos_emb, self.head):
+            if module is not None:
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)  # GPT-2 initialisation
         #: every hook point, by its module path (``blocks.0.hook_resid_post``...)
         self.hook_points = name_hook_points(self)
 
@@ -94,7 +100,10 @@ class LanguageModel(nn.Module):
         start = caches[0].length if caches else 0
         time = idx.shape[1]
         positions = torch.arange(start, start + time, device=idx.device)
-        x = self.drop(self.hook_embed(self.tok_emb(idx) + self.pos_emb(positions)))
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.drop(self.hook_embed(x))
         for layer, block in enumerate(self.blocks):
             x = block(x, BlockContext(positions, caches[layer] if caches else None))
         logits = self.head(self.ln_f(x))
