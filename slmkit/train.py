@@ -504,6 +504,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(t.grad_accum_steps):
             x, y = self.stream.next_batch()
+            if self.device.type == "cuda":  # page-locked, so the copies below run async
+                x, y = x.pin_memory(), y.pin_memory()
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             hooks = self.forward_hooks if micro == 0 else None  # watch the first micro-batch
