@@ -174,18 +174,22 @@ def filter_logits(
 ) -> torch.Tensor:
     """Set to -inf every logit that ``top_k`` and ``top_p`` rule out (last dim: vocab).
 
-    ``top_k``: keep the k largest logits. ``top_p`` (nucleus sampling, Holtzman et al.
-    2020): keep the smallest set of most likely tokens whose probabilities add up to at
-    least ``top_p``; the most likely token always stays. Both together keep what both keep.
+    ``top_k``: keep the k largest logits (and any tied with the k-th). ``top_p`` (nucleus
+    sampling, Holtzman et al. 2020): keep the smallest set of most likely tokens whose
+    probabilities add up to at least ``top_p``; the most likely token always stays. With
+    both, ``top_p`` applies to the distribution that ``top_k`` left, renormalised.
+    ``None`` or 0 for ``top_k`` and ``None`` or 1.0 for ``top_p`` mean no limit.
     """
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the ones before it already reach top_p
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        # drop a token when the ones before it already reach top_p (shifting the sum, not
+        # subtracting, so a threshold the sum reaches exactly is not missed by rounding)
+        before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], -1)
+        drop_sorted = before >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -145,29 +145,7 @@ class Trainer:
         self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
         self.device = resolve_device(exp.training.device, source)
         self.resume_path: Path | None = None
-        payload = None
-        if resume is not None:
-            self.resume_path, payload, skipped = checkpoint.load_newest_good(resume)
-            for problem in skipped:
-                self.console.say(f"warning: {problem}; skipping it")
-            if skipped:
-                self.console.say(f"resuming from {self.resume_path}, the newest good checkpoint")
-        if payload is not None:
-            # Resolved again, so keys added (with defaults) since the checkpoint was written
-            # do not count as changes.
-            saved = experiment_from_dict(
-                payload["experiment"], manager, f"{self.resume_path} (experiment)"
-            )
-            changed = [
-                k
-                for k in changed_keys(saved.to_dict(), exp.to_dict())
-                if k not in RESUMABLE_CHANGES
-            ]
-            if changed:
-                raise CheckpointError(
-                    f"{self.resume_path}: the experiment differs from the checkpoint's in "
-                    f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may change"
-                )
+        payload = self._checkpoint_to_resume(resume) if resume is not None else None
 
         self.tokenizer = build_tokenizer(exp, manager)
         if payload is not None:
@@ -213,6 +191,30 @@ class Trainer:
             name: manager.event_caller(name, exp.participants)
             for name in ("on_run_start", "on_step_end", "on_eval", "on_checkpoint", "on_run_end")
         }
+
+    def _checkpoint_to_resume(self, resume: str | Path) -> dict[str, Any]:
+        """The newest good checkpoint of ``resume``, if its experiment matches this one."""
+        self.resume_path, payload, skipped = checkpoint.load_newest_good(resume)
+        for problem in skipped:
+            self.console.say(f"warning: {problem}; skipping it")
+        if skipped:
+            self.console.say(f"resuming from {self.resume_path}, the newest good checkpoint")
+        # Resolved again, so keys added (with defaults) since the checkpoint was written do
+        # not count as changes.
+        saved = experiment_from_dict(
+            payload["experiment"], self.manager, f"{self.resume_path} (experiment)"
+        )
+        changed = [
+            k
+            for k in changed_keys(saved.to_dict(), self.exp.to_dict())
+            if k not in RESUMABLE_CHANGES
+        ]
+        if changed:
+            raise CheckpointError(
+                f"{self.resume_path}: the experiment differs from the checkpoint's in "
+                f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may change"
+            )
+        return payload
 
     def _precision(self) -> tuple[torch.dtype | None, Any]:
         """The autocast dtype (None for fp32) and, for fp16, a gradient scaler."""
