@@ -445,19 +445,21 @@ class Trainer:
             self.step = step
             window_steps += 1
             metrics: dict[str, Any] = {"lr": lr}
-            if log_now:
+            first = self.step == start_step + 1  # show progress at once, not after log_every
+            if log_now or first:
                 last_loss = loss.item()  # read back only when logging
                 now = time.perf_counter()
                 tokens_per_s = window_steps * tokens_per_step / max(now - window_start, 1e-9)
                 window_start, window_steps = now, 0
-                metrics.update(train_loss=last_loss, tokens_per_s=tokens_per_s)
-                run.log(
-                    "train_step",
-                    step=self.step,
-                    train_loss=last_loss,
-                    lr=lr,
-                    tokens_per_s=round(tokens_per_s, 1),
-                )
+                if log_now:
+                    metrics.update(train_loss=last_loss, tokens_per_s=tokens_per_s)
+                    run.log(
+                        "train_step",
+                        step=self.step,
+                        train_loss=last_loss,
+                        lr=lr,
+                        tokens_per_s=round(tokens_per_s, 1),
+                    )
                 per_step = (now - started) / (self.step - start_step)
                 self.console.progress(
                     self.step,
