@@ -9,6 +9,7 @@ the policy encodes to ``<UNK>``, which decodes to U+FFFD.
 from __future__ import annotations
 
 import functools
+import re
 import unicodedata
 from collections.abc import Sequence
 from typing import Any
@@ -86,7 +87,13 @@ def normalize(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.isascii():
         return text
-    return unicodedata.normalize("NFKD", text).translate(_ascii_spellings())
+    # Only the non-ASCII runs need work; decomposition and the table act per character,
+    # and the combining marks that reordering could move are dropped anyway.
+    table = _ascii_spellings()
+    return _NON_ASCII.sub(lambda run: unicodedata.normalize("NFKD", run[0]).translate(table), text)
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 
 
 @functools.cache
