@@ -1,0 +1,265 @@
+"""The ``llama`` block: a LLaMA-style pre-norm transformer block for slmkit.
+
+    x = x + attention(rms_norm(x))      # rotary position embeddings on q and k
+    x = x + swiglu(rms_norm(x))
+
+Three changes from the GPT-2 block (Touvron et al., 2023, "LLaMA: Open and Efficient
+Foundation Language Models"):
+
+- **RMSNorm** (Zhang & Sennrich, 2019): ``x / sqrt(mean(x^2) + eps) * g``; no mean
+  subtraction, no bias.
+- **SwiGLU** MLP (Shazeer, 2020, "GLU Variants Improve Transformer"):
+  ``W_down (silu(W_gate x) * (W_up x))``.
+- **Rotary position embeddings**, RoPE (Su et al., 2021, "RoFormer: Enhanced Transformer
+  with Rotary Position Embedding"): queries and keys are rotated by an angle proportional
+  to their absolute position, so ``q . k`` depends only on the *relative* position. The
+  block reads the absolute positions from ``ctx.positions``, so cached generation rotates
+  each new token by its true position; the cache holds keys already rotated. The block
+  class says ``learned_positions = False``: the model gets no learned position table.
+
+An experiment uses it with::
+
+    [plugins]
+    enable = ["slmkit-llama"]
+
+    [model]
+    block = "llama"
+    rope_base = 10000.0
+    bias = false
+    hidden_size = 0        # 0: round(8/3 * d_model) up to a multiple of 8
+
+``[model] d_ff`` is not used by this block: the SwiGLU width is ``hidden_size``, or, when
+that is 0, LLaMA's rule ``8/3 * d_model`` rounded up to a multiple of 8 (three matrices of
+that width hold as many weights as GPT's two of width ``4 * d_model``).
+
+Hook points (the ``gpt`` block's, plus two): ``hook_resid_pre``, ``attn.hook_q/k/v``
+(before rotation, ``(B, H, T, d_head)``), ``attn.hook_rot_q/hook_rot_k`` (after rotation),
+``attn.hook_pattern`` (computed on the side only while a hook watches it),
+``attn.hook_out``, ``mlp.hook_pre`` (the gate's pre-activation), ``mlp.hook_pre_linear``
+(the up projection), ``mlp.hook_post`` (``silu(gate) * up``), ``hook_resid_post``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import slmkit
+import torch
+import torch.nn.functional as F
+from slmkit.components import BlockContext, ModelDims
+from slmkit.hooks import HookPoint
+from slmkit.options import OptionValueError, non_negative, positive
+from torch import nn
+
+__version__ = "0.1.0"
+
+#: the component name experiments use: ``[model] block = "llama"``
+NAME = "llama"
+
+
+def _boolean(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise OptionValueError(attribute.name, f"must be true or false, got {value!r}")
+
+
+@attrs.define(frozen=True)
+class LlamaOptions:
+    """Options of the ``llama`` block (keys of the ``[model]`` table)."""
+
+    #: the RoPE base b: pair i of a head rotates by position * b^(-2i / d_head)
+    rope_base: float = attrs.field(default=10000.0, validator=positive)
+    #: biases in the linear maps (LLaMA has none)
+    bias: bool = attrs.field(default=False, validator=_boolean)
+    #: SwiGLU hidden width; 0: round(8/3 * d_model) up to a multiple of 8
+    hidden_size: int = attrs.field(default=0, validator=non_negative)
+    #: the RMSNorm epsilon
+    norm_eps: float = attrs.field(default=1e-5, validator=positive)
+
+
+def swiglu_hidden_size(d_model: int, hidden_size: int = 0, multiple_of: int = 8) -> int:
+    """The SwiGLU width: ``hidden_size`` if given, else ``8/3 * d_model`` rounded up."""
+    if hidden_size > 0:
+        return hidden_size
+    width = int(8 * d_model / 3)
+    return multiple_of * math.ceil(width / multiple_of)
+
+
+# -- rotary position embeddings ---------------------------------------------------------------
+
+
+def rope_angles(
+    positions: torch.Tensor, d_head: int, base: float = 10000.0, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of the rotation angles, each ``(time, d_head / 2)``.
+
+    Pair i at position m rotates by ``theta_i * m`` with ``theta_i = base^(-2i / d_head)``:
+    the first pairs turn fast (local order), the last ones slowly (long range). The angles
+    are computed in float32 (float64 for float64 inputs), then cast to ``dtype``.
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    exponent = torch.arange(0, d_head, 2, device=positions.device, dtype=work) / d_head
+    inv_freq = base**-exponent  # theta_i
+    angles = positions.to(work)[:, None] * inv_freq[None, :]
+    out = dtype or work
+    return angles.cos().to(out), angles.sin().to(out)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotate ``x`` (``(..., time, d_head)``) by its absolute ``positions`` (``(time,)``).
+
+    Dimension i is paired with dimension ``i + d_head/2`` (the "rotate half" layout of
+    GPT-NeoX and Hugging Face's LLaMA; Su et al. pair neighbours ``(2i, 2i+1)``, which is the
+    same rotation up to a fixed permutation of the head's dimensions). Each pair
+    ``(x1, x2)`` becomes ``(x1 cos a - x2 sin a, x1 sin a + x2 cos a)``: a rotation, so norms
+    are preserved, and ``R(m)q . R(n)k = q . R(n - m)k`` depends only on ``n - m``.
+    """
+    d_head = x.shape[-1]
+    if d_head % 2:
+        raise ValueError(f"rotary embeddings need an even head width, got {d_head}")
+    cos, sin = rope_angles(positions, d_head, base, dtype=x.dtype)
+    x1, x2 = x[..., : d_head // 2], x[..., d_head // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+# -- the block --------------------------------------------------------------------------------
+
+
+def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask, True where query i may attend to key j.
+
+    The queries are the last ``n_queries`` of the ``n_keys`` positions (with a KV cache the
+    keys include earlier steps), so query i sees keys up to ``n_keys - n_queries + i``.
+    """
+    offset = n_keys - n_queries
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned gain (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class RotaryAttention(nn.Module):
+    """Causal multi-head self-attention with rotary embeddings on queries and keys."""
+
+    def __init__(self, dims: ModelDims, options: LlamaOptions) -> None:
+        super().__init__()
+        self.n_heads, self.d_head = dims.n_heads, dims.d_head
+        self.rope_base = options.rope_base
+        self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=options.bias)
+        self.proj = nn.Linear(dims.d_model, dims.d_model, bias=options.bias)
+        self.dropout = dims.dropout
+        self.resid_dropout = nn.Dropout(dims.dropout)
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_out = HookPoint()
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        batch, time, d_model = x.shape
+        q, k, v = (
+            t.view(batch, time, self.n_heads, self.d_head).transpose(1, 2)
+            for t in self.qkv(x).split(d_model, dim=2)
+        )
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        # rotate by the absolute positions: during generation these continue after the cache
+        q = self.hook_rot_q(apply_rope(q, ctx.positions, self.rope_base))
+        k = self.hook_rot_k(apply_rope(k, ctx.positions, self.rope_base))
+        if ctx.cache is not None:
+            k, v = ctx.cache.append(k, v)  # cached keys are stored already rotated
+        if self.hook_pattern.active:
+            with torch.no_grad():
+                self.hook_pattern(self._pattern(q, k))
+        y = self._attend(q, k, v, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(batch, time, d_model)
+        return self.resid_dropout(self.hook_out(self.proj(y)))
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        n_queries, n_keys = q.shape[2], k.shape[2]
+        if n_queries == n_keys:  # training, or the first step of generation
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        mask = None if n_queries == 1 else causal_mask(n_queries, n_keys, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+    def _pattern(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``(batch, n_heads, queries, keys)``; each row sums to 1."""
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
+        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
+class SwiGLU(nn.Module):
+    """The gated MLP: ``W_down (silu(W_gate x) * (W_up x))``."""
+
+    def __init__(self, dims: ModelDims, options: LlamaOptions) -> None:
+        super().__init__()
+        hidden = swiglu_hidden_size(dims.d_model, options.hidden_size)
+        self.gate = nn.Linear(dims.d_model, hidden, bias=options.bias)
+        self.up = nn.Linear(dims.d_model, hidden, bias=options.bias)
+        self.down = nn.Linear(hidden, dims.d_model, bias=options.bias)
+        self.dropout = nn.Dropout(dims.dropout)
+        self.hook_pre, self.hook_pre_linear, self.hook_post = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.hook_pre(self.gate(x))
+        up = self.hook_pre_linear(self.up(x))
+        hidden = self.hook_post(F.silu(gate) * up)
+        return self.dropout(self.down(hidden))
+
+
+class LlamaBlock(nn.Module):
+    """Pre-norm residual block with RMSNorm, rotary attention and a SwiGLU MLP."""
+
+    #: positions are encoded by rotating q and k: the model needs no position table
+    learned_positions = False
+
+    def __init__(self, dims: ModelDims, options: LlamaOptions, layer: int) -> None:
+        super().__init__()
+        if dims.d_head % 2:
+            raise OptionValueError(
+                "n_heads",
+                f"the llama block needs an even head width d_model / n_heads for its "
+                f"rotary embeddings, got {dims.d_model} / {dims.n_heads} = {dims.d_head}",
+            )
+        self.layer = layer
+        self.hook_resid_pre = HookPoint()
+        self.norm_1 = RMSNorm(dims.d_model, options.norm_eps)
+        self.attn = RotaryAttention(dims, options)
+        self.norm_2 = RMSNorm(dims.d_model, options.norm_eps)
+        self.mlp = SwiGLU(dims, options)
+        self.hook_resid_post = HookPoint()
+        self._init_weights(dims.n_layers)
+
+    def _init_weights(self, n_layers: int) -> None:
+        # As the gpt block: N(0, 0.02), and the two projections writing into the residual
+        # stream scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for proj in (self.attn.proj, self.mlp.down):
+            nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+
+    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = x + self.attn(self.norm_1(x), ctx)
+        return self.hook_resid_post(x + self.mlp(self.norm_2(x)))
+
+
+@slmkit.hookimpl
+def register_blocks(register: Any) -> None:
+    """Provide the ``llama`` block."""
+    register(NAME, LlamaBlock, options=LlamaOptions)
