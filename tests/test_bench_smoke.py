@@ -1,0 +1,116 @@
+"""The benchmarks still run: each in its smallest mode, writing its JSON results.
+
+Benchmarks are not tests (they measure and never fail a build), but nothing else would
+notice one breaking when the code it drives changes. Each case runs ``bench.<name>.main``
+in this process with results sent to a temporary folder (``--out`` where the benchmark
+takes it, otherwise ``bench.RESULTS_DIR`` redirected, which ``bench.write_results``
+reads), then checks the file has the keys the benchmark promises.
+
+The benchmarks of bench/training.py, hooks.py and checkpoint.py have ``--smoke`` (a tiny
+model, 1-2 steps: seconds). The older ones have no mode that small (sampling's identity
+check always fills the context, data starts four subprocesses, convergence and bpe read
+and train on the whole of tinyshakespeare): their smallest runs are marked slow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import bench
+
+COMMON_KEYS = {"benchmark", "measured_at", "machine"}
+TINYSHAKESPEARE_CASES = {"convergence", "bpe"}
+
+CASES = [
+    pytest.param(
+        "training",
+        ["--smoke"],
+        {"config", "configs", "bf16_over_fp32_tokens_per_s", "gemm", "val_loss", "profile"},
+        id="training",
+    ),
+    pytest.param("hooks", ["--smoke"], {"config", "configs", "targets"}, id="hooks"),
+    pytest.param(
+        "checkpoint",
+        ["--smoke"],
+        {"config", "ms", "file_bytes", "checksum_verified"},
+        id="checkpoint",
+    ),
+    pytest.param(
+        "sampling",
+        ["--quick", "--new-tokens", "8"],
+        {"config", "by_threads", "identity"},
+        id="sampling",
+        marks=pytest.mark.slow,  # minutes on a loaded 2-core machine: fills the context twice
+    ),
+    pytest.param(
+        "data",
+        ["--quick", "--size-mb", "0.02"],
+        {"cases", "repeats"},
+        id="data",
+        marks=pytest.mark.slow,  # four subprocesses, each importing torch
+    ),
+    pytest.param(
+        "convergence",
+        [
+            "--quick",
+            *("--set", "training.max_steps=2", "--set", "training.eval_every=0"),
+            *("--set", "training.eval_batches=1", "--set", "training.checkpoint_every=0"),
+            *("--set", "sampling.max_new_tokens=4"),
+        ],
+        {"config", "summary", "evals"},
+        id="convergence",
+        marks=pytest.mark.slow,  # reads and encodes tinyshakespeare, builds quick.toml's model
+    ),
+    pytest.param(
+        "bpe",
+        ["--quick"],
+        {"cases", "repeats"},
+        id="bpe",
+        marks=pytest.mark.slow,  # trains BPE on the whole of tinyshakespeare, twice
+    ),
+]
+#: the benchmarks that take ``--out DIR``
+TAKES_OUT = {"training", "hooks", "checkpoint"}
+
+
+def test_every_benchmark_has_a_smoke_case() -> None:
+    """A benchmark added to ``bench.BENCHMARKS`` needs a case here."""
+    assert set(bench.BENCHMARKS) <= {case.values[0] for case in CASES}
+
+
+@pytest.mark.parametrize(("name", "argv", "keys"), CASES)
+def test_benchmark_smoke(
+    name: str,
+    argv: list[str],
+    keys: set[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    """``bench.<name>.main`` in its smallest mode writes ``<name>*.json`` with its keys."""
+    if name in TINYSHAKESPEARE_CASES and not bench.TINYSHAKESPEARE.resolve().is_file():
+        pytest.skip(f"{bench.TINYSHAKESPEARE.resolve()} is missing")
+    if name == "convergence":
+        # it prints the results path relative to the project root, so the folder must be
+        # inside it: a temporary one under the git-ignored runs/
+        (bench.ROOT / "runs").mkdir(exist_ok=True)
+        holder = tempfile.TemporaryDirectory(prefix=".bench-smoke-", dir=bench.ROOT / "runs")
+        request.addfinalizer(holder.cleanup)
+        out = Path(holder.name)
+    else:
+        out = tmp_path / "results"
+    monkeypatch.setattr(bench, "RESULTS_DIR", out)  # never bench/results
+    monkeypatch.chdir(bench.ROOT)  # convergence changes directory; this restores it
+    module = importlib.import_module(f"bench.{name}")
+    module.main([*argv, *(["--out", str(out)] if name in TAKES_OUT else [])])
+    written = sorted(out.glob(f"{name}*.json"))
+    assert written, f"bench.{name} wrote no {name}*.json in {out}"
+    data = json.loads(written[0].read_text(encoding="utf-8"))
+    assert data["benchmark"].startswith(name)
+    missing = (COMMON_KEYS | keys) - data.keys()
+    assert not missing, f"{written[0].name} lacks {sorted(missing)}"
