@@ -76,7 +76,28 @@ def _check_warmup(warmup_steps: int, max_steps: int) -> None:
         )
 
 
-class CosineSchedule:
+class _WarmupThenDecay:
+    """Linear warmup, then ``r + (1 - r) * shape(p)`` with p going from 0 to 1 at max_steps."""
+
+    def __init__(self, warmup_steps: int, min_lr_ratio: float, max_steps: int) -> None:
+        _check_warmup(warmup_steps, max_steps)
+        self.warmup_steps, self.min_lr_ratio, self.max_steps = (
+            warmup_steps, min_lr_ratio, max_steps)  # fmt: skip
+
+    @staticmethod
+    def shape(p: float) -> float:
+        """The decay from 1 (p = 0) to 0 (p = 1)."""
+        raise NotImplementedError
+
+    def __call__(self, step: int) -> float:
+        w, r = self.warmup_steps, self.min_lr_ratio
+        if step < w:
+            return (step + 1) / w
+        p = min(1.0, (step - w) / (self.max_steps - w))
+        return r + (1.0 - r) * self.shape(p)
+
+
+class CosineSchedule(_WarmupThenDecay):
     """Linear warmup, then cosine decay from 1 to ``min_lr_ratio`` at ``max_steps``.
 
     With ``w = warmup_steps``, ``N = max_steps``, ``r = min_lr_ratio``::
@@ -85,20 +106,13 @@ class CosineSchedule:
         step >= w: r + (1 - r) * 0.5 * (1 + cos(pi * p)),  p = min(1, (step - w) / (N - w))
     """
 
-    def __init__(self, warmup_steps: int, min_lr_ratio: float, max_steps: int) -> None:
-        _check_warmup(warmup_steps, max_steps)
-        self.warmup_steps, self.min_lr_ratio, self.max_steps = (
-            warmup_steps, min_lr_ratio, max_steps)  # fmt: skip
-
-    def __call__(self, step: int) -> float:
-        w, r = self.warmup_steps, self.min_lr_ratio
-        if step < w:
-            return (step + 1) / w
-        p = min(1.0, (step - w) / (self.max_steps - w))
-        return r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * p))
+    @staticmethod
+    def shape(p: float) -> float:
+        """Half a cosine period."""
+        return 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-class LinearSchedule:
+class LinearSchedule(_WarmupThenDecay):
     """Linear warmup, then linear decay from 1 to ``min_lr_ratio`` at ``max_steps``.
 
     With ``w = warmup_steps``, ``N = max_steps``, ``r = min_lr_ratio``::
@@ -107,17 +121,10 @@ class LinearSchedule:
         step >= w: r + (1 - r) * (1 - p),  p = min(1, (step - w) / (N - w))
     """
 
-    def __init__(self, warmup_steps: int, min_lr_ratio: float, max_steps: int) -> None:
-        _check_warmup(warmup_steps, max_steps)
-        self.warmup_steps, self.min_lr_ratio, self.max_steps = (
-            warmup_steps, min_lr_ratio, max_steps)  # fmt: skip
-
-    def __call__(self, step: int) -> float:
-        w, r = self.warmup_steps, self.min_lr_ratio
-        if step < w:
-            return (step + 1) / w
-        p = min(1.0, (step - w) / (self.max_steps - w))
-        return r + (1.0 - r) * (1.0 - p)
+    @staticmethod
+    def shape(p: float) -> float:
+        """A straight line."""
+        return 1.0 - p
 
 
 class WSDSchedule:
