@@ -1,4 +1,4 @@
-"""The ``slmkit`` command line: run, validate, plugins, sample, eval."""
+"""The ``slmkit`` command line: run, validate, plugins, sample, eval, runs, compare."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from slmkit import __version__
 from slmkit.errors import RunInterrupted, SlmkitError
 from slmkit.plugins import PluginManager
+from slmkit.table import format_table
 
 
 def _manager() -> PluginManager:
@@ -21,14 +22,57 @@ def _manager() -> PluginManager:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Train an experiment (or resume a run)."""
+    """Train an experiment (or resume a run), or every run of a sweep."""
     from slmkit.experiment import load_experiment
     from slmkit.train import Trainer
 
     manager = _manager()
+    if args.sweep:
+        return _run_sweep(args, manager)
     exp = load_experiment(args.experiment, manager, args.set)
     trainer = Trainer(exp, manager, args.experiment, resume=args.resume, runs_dir=args.runs_dir)
     trainer.run()
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
+    """Run the grid one run after another, then print the sweep's table.
+
+    Every combination is resolved first, so a bad value stops the sweep before any run.
+    A run that fails is reported and the sweep goes on; Ctrl-C stops the whole sweep.
+    """
+    from pathlib import Path
+
+    from slmkit.errors import ConfigError, RunError
+    from slmkit.experiment import load_experiment
+    from slmkit.runs import list_runs, runs_table
+    from slmkit.sweep import grid, new_sweep_id, parse_sweeps
+    from slmkit.train import Trainer
+
+    if args.resume:
+        raise SlmkitError("--sweep starts new runs; it cannot be combined with --resume")
+    axes = parse_sweeps(args.sweep)
+    combos = grid(axes)
+    experiments = [load_experiment(args.experiment, manager, [*args.set, *c]) for c in combos]
+    sweep_id = new_sweep_id(experiments[0].experiment.name)
+    runs_dir = Path(args.runs_dir or experiments[0].experiment.runs_dir)
+    print(f"sweep {sweep_id}: {len(combos)} runs of {args.experiment}")
+    failed = []
+    for index, (exp, combo) in enumerate(zip(experiments, combos, strict=True)):
+        print(f"sweep {sweep_id}: run {index + 1}/{len(combos)}: {' '.join(combo)}")
+        tag = {"id": sweep_id, "index": index, "size": len(combos), "overrides": combo}
+        try:
+            Trainer(exp, manager, args.experiment, runs_dir=runs_dir, sweep=tag).run()
+        except (RunError, ConfigError) as exc:
+            print(f"sweep {sweep_id}: run {index + 1} failed: {exc}", file=sys.stderr)
+            failed.append(index + 1)
+    records = list_runs(runs_dir, sweep=sweep_id)
+    records.sort(key=lambda r: r.sweep["index"] if r.sweep else 0)
+    print(f"\nsweep {sweep_id}: {len(records)} runs in {runs_dir}")
+    print(runs_table(records, [key for key, _ in axes]), end="")
+    print(f"compare: slmkit compare --sweep {sweep_id} --runs-dir {runs_dir} --out report.html")
+    if failed:
+        raise SlmkitError(f"sweep {sweep_id}: run(s) {', '.join(map(str, failed))} failed")
     return 0
 
 
@@ -71,11 +115,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 ", ".join(info.hooks) or "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[4]
-        )
+    print(format_table(rows, wrap_last=True), end="")
     for group in manager.registry.conflicts():
         who = ", ".join(c.plugin for c in group)
         print(f"warning: {group[0].kind} {group[0].name!r} is registered by {who}")
@@ -142,6 +182,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    """List run folders, newest first: status, steps, losses, speed, provenance."""
+    from slmkit.runs import list_runs, runs_table
+
+    records = list_runs(args.dir, sweep=args.sweep)
+    if args.json:
+        print(json.dumps([r.as_json() for r in records], indent=2))
+    elif not records:
+        print(f"no runs in {args.dir}" + (f" of sweep {args.sweep}" if args.sweep else ""))
+    else:
+        swept = []
+        if args.sweep:  # the swept keys as extra columns
+            swept = [o.partition("=")[0] for o in (records[0].sweep or {}).get("overrides", [])]
+        print(runs_table(records, swept), end="")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Diff the runs' experiments, show their metrics; write the curves and a report."""
+    from pathlib import Path
+
+    from slmkit.compare import comparison_text, summary_for_json, write_outputs
+    from slmkit.runs import list_runs, read_run, resolve_run
+
+    records = [read_run(resolve_run(name, args.runs_dir)) for name in args.runs]
+    if args.sweep:
+        swept = list_runs(args.runs_dir, sweep=args.sweep)
+        if not swept:
+            raise SlmkitError(f"--sweep {args.sweep}: no runs of that sweep in {args.runs_dir}")
+        records += sorted(swept, key=lambda r: (r.sweep or {}).get("index", 0))
+    if not records:
+        raise SlmkitError("compare: name at least one run (a run folder or id), or --sweep ID")
+    written = write_outputs(
+        records,
+        report=Path(args.out) if args.out else None,
+        png=Path(args.png) if args.png else None,
+    )
+    if args.json:
+        print(json.dumps(summary_for_json(records), indent=2))
+    else:
+        print(comparison_text(records), end="")
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------
 
 
@@ -172,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue a run from a checkpoint (a run folder means its latest.pt)",
     )
     p.add_argument("--runs-dir", help="where run folders go (default: experiment.runs_dir)")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="run once per value (repeat for a grid of every combination); see docs/experiments.md",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check an experiment and print it resolved; train nothing")
@@ -200,6 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("runs", help="list runs, newest first")
+    p.add_argument("dir", nargs="?", default="runs", help="a folder of runs (default: runs)")
+    p.add_argument("--sweep", metavar="ID", help="only the runs of this sweep")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("compare", help="runs side by side: config diff, metrics, loss curves")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders or run ids")
+    p.add_argument("--sweep", metavar="ID", help="add every run of this sweep")
+    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs)")
+    p.add_argument("--out", metavar="REPORT.html", help="write a self-contained HTML report")
+    p.add_argument("--png", metavar="FILE.png", help="write the loss curves as a PNG")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -139,8 +140,10 @@ class Trainer:
         resume: str | Path | None = None,
         runs_dir: str | Path | None = None,
         console: Console | None = None,
+        sweep: dict[str, Any] | None = None,
     ) -> None:
         self.exp, self.manager, self.source = exp, manager, source
+        self.sweep = sweep  # {"id", "index", "size", "overrides"} when part of a sweep
         self.console = console or Console()
         self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
         self.device = resolve_device(exp.training.device, source)
@@ -282,9 +285,7 @@ class Trainer:
             run_dir = checkpoint.run_dir_of(self.resume_path)
             run_id = str(payload.get("run_id") or run_dir.name)
         else:
-            run_id = new_run_id(self.exp.experiment.name)
-            run_dir = self.runs_dir / run_id
-            run_dir.mkdir(parents=True, exist_ok=False)
+            run_id, run_dir = self._new_run_dir()
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         _write_text_atomic(run_dir / "experiment.toml", self.exp.to_toml())
         record = tokenizer_record(self.exp, self.tokenizer)
@@ -298,6 +299,21 @@ class Trainer:
             device=self.device,
             logger=RunLog(run_dir / "log.jsonl", run_id),
         )
+
+    def _new_run_dir(self) -> tuple[str, Path]:
+        """A fresh folder under ``runs_dir``; a taken name (same second, same random
+        digits) is drawn again rather than reused."""
+        for _ in range(8):
+            run_id = new_run_id(self.exp.experiment.name)
+            run_dir = self.runs_dir / run_id
+            try:
+                run_dir.mkdir(parents=True, exist_ok=False)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise RunError(f"cannot create the run folder {run_dir}: {exc}") from None
+            return run_id, run_dir
+        raise RunError(f"cannot find a free run folder name in {self.runs_dir}")
 
     def _restore(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
@@ -345,6 +361,8 @@ class Trainer:
             "val_tokens": len(self.splits.val),
             "max_steps": exp.training.max_steps,
             "resumed_from_step": self.step if self._payload is not None else None,
+            "pid": os.getpid(),  # lets `slmkit runs` tell a live run from a killed one
+            "sweep": self.sweep,
         }
 
     # -- training ------------------------------------------------------------------------

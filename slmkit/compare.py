@@ -1,0 +1,226 @@
+"""Runs side by side: what differs in their experiments, their metrics, their loss curves.
+
+The text tables need nothing beyond the standard library. The loss-curve picture needs
+matplotlib, the optional extra ``slmkit[plot]``; the HTML report embeds that PNG (base64)
+with the tables and each run's latest sample, so it is one self-contained file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from slmkit.errors import SlmkitError
+from slmkit.experiment import changed_keys
+from slmkit.runs import (
+    RunRecord,
+    format_commit,
+    format_loss,
+    format_started,
+    format_value,
+    lookup,
+)
+from slmkit.table import format_table
+
+#: the picture's size: inches x dpi = pixels (tests check the decoded size)
+FIGURE_INCHES = (12.0, 4.5)
+FIGURE_DPI = 100
+
+
+def differing_keys(records: Sequence[RunRecord]) -> list[str]:
+    """Dotted experiment keys whose values are not the same in every run.
+
+    ``experiment.name`` is left out when it is the only difference a sweep makes, as are
+    keys that only name where a run went (``experiment.runs_dir``).
+    """
+    keys: set[str] = set()
+    for other in records[1:]:
+        keys.update(changed_keys(records[0].experiment, other.experiment))
+    keys.discard("experiment.runs_dir")
+    return sorted(keys)
+
+
+def config_diff_rows(records: Sequence[RunRecord]) -> list[list[str]]:
+    """A header row of run ids, then one row per differing key."""
+    rows = [["KEY", *(r.run_id for r in records)]]
+    for key in differing_keys(records):
+        rows.append([key, *(format_value(lookup(r.experiment, key)) for r in records)])
+    return rows
+
+
+def metric_rows(records: Sequence[RunRecord]) -> list[list[str]]:
+    """One row per run: status, steps, tokens seen, losses, speed, provenance."""
+    rows = [["RUN_ID", "STATUS", "STEPS", "TOKENS", "TRAIN_LOSS", "VAL_LOSS", "BEST_VAL",
+             "BPC", "TOK/S", "CONFIG", "COMMIT", "STARTED (UTC)"]]  # fmt: skip
+    for r in records:
+        rows.append(
+            [
+                r.run_id,
+                r.status,
+                str(r.steps),
+                "-" if r.tokens_seen is None else f"{r.tokens_seen:,}",
+                format_loss(r.train_loss),
+                format_loss(r.last_val_loss),
+                format_loss(r.best_val_loss),
+                format_loss(r.last_val_bpc),
+                "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
+                (r.config_hash or "-")[:12],
+                format_commit(r),
+                format_started(r.started),
+            ]
+        )
+    return rows
+
+
+def comparison_text(records: Sequence[RunRecord]) -> str:
+    """What ``slmkit compare`` prints: the config differences, then the metrics."""
+    diff = config_diff_rows(records)
+    out = [f"config differences ({len(diff) - 1} keys):"]
+    out.append(format_table(diff) if len(diff) > 1 else "(the experiments are identical)\n")
+    out.append("metrics:")
+    out.append(format_table(metric_rows(records)))
+    return "\n".join(out)
+
+
+def run_label(record: RunRecord, keys: Sequence[str]) -> str:
+    """A legend label: the run id, and its values of the differing keys (up to three)."""
+    values = ", ".join(
+        f"{key.rsplit('.', 1)[-1]}={format_value(lookup(record.experiment, key))}"
+        for key in keys[:3]
+    )
+    return f"{record.run_id} ({values})" if values else record.run_id
+
+
+def loss_curves_png(records: Sequence[RunRecord]) -> bytes:
+    """Training (solid) and validation (dashed, dots) loss against step and tokens seen."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SlmkitError(
+            "the loss-curve picture needs matplotlib: pip install 'slmkit[plot]' "
+            "(or uv sync --extra plot)"
+        ) from None
+    matplotlib.use("Agg")  # draw to memory: no display needed
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI, layout="constrained")
+    by_step, by_tokens = figure.subplots(1, 2, sharey=True)
+    keys = [k for k in differing_keys(records) if k != "experiment.name"]
+    for i, r in enumerate(records):
+        color = f"C{i % 10}"
+        per_step = r.tokens_per_step or 0
+        for axes, scale in ((by_step, 1), (by_tokens, per_step)):
+            if scale == 0:
+                continue  # tokens per step unknown (no experiment.toml): no x values
+            axes.plot([s * scale for s in r.train_curve.steps], r.train_curve.values,
+                      color=color, linewidth=1, alpha=0.8)  # fmt: skip
+            axes.plot([s * scale for s in r.val_curve.steps], r.val_curve.values,
+                      color=color, linestyle="--", marker="o", markersize=3)  # fmt: skip
+        by_step.lines[-2].set_label(run_label(r, keys))  # one legend entry per run
+    by_step.set_xlabel("step")
+    by_tokens.set_xlabel("training tokens seen")
+    by_step.set_ylabel("loss (nats/token)")
+    for axes in (by_step, by_tokens):
+        axes.grid(True, alpha=0.3)
+    # Below the plots, so it never hides a curve however many runs there are.
+    figure.legend(loc="outside lower center", ncols=min(len(records), 2), fontsize="small")
+    figure.suptitle("training (solid) and validation (dashed) loss")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
+    return buffer.getvalue()
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:]
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+td { font-family: ui-monospace, monospace; }
+pre { background: #f7f7f7; padding: 0.8em; white-space: pre-wrap; max-width: 60em; }
+img { max-width: 100%; }
+"""
+
+
+def report_html(records: Sequence[RunRecord], png: bytes) -> str:
+    """One self-contained HTML page: metrics, config differences, curves, samples."""
+    diff = config_diff_rows(records)
+    image = base64.b64encode(png).decode("ascii")
+    samples = "".join(
+        f"<h3>{html.escape(r.run_id)}</h3>"
+        + (f"<pre>{html.escape(r.last_sample)}</pre>" if r.last_sample else "<p>(no sample)</p>")
+        for r in records
+    )
+    diff_html = _html_table(diff) if len(diff) > 1 else "<p>The experiments are identical.</p>"
+    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    title = f"slmkit compare: {len(records)} runs"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>Made {made} from {", ".join(html.escape(str(r.run_dir)) for r in records)}.</p>
+<h2>Metrics</h2>
+{_html_table(metric_rows(records))}
+<h2>Config differences</h2>
+{diff_html}
+<h2>Loss curves</h2>
+<img alt="training and validation loss of each run" src="data:image/png;base64,{image}">
+<h2>Latest samples</h2>
+{samples}
+</body></html>
+"""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so a failure leaves no half file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SlmkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def write_outputs(
+    records: Sequence[RunRecord], *, report: Path | None, png: Path | None
+) -> list[Path]:
+    """Draw the curves once and write the report and/or the PNG; the paths written."""
+    if report is None and png is None:
+        return []
+    for path in (report, png):
+        if path is not None and not path.parent.is_dir():
+            raise SlmkitError(f"{path}: no such folder {path.parent}")
+    picture = loss_curves_png(records)
+    written = []
+    if png is not None:
+        write_atomic(png, picture)
+        written.append(png)
+    if report is not None:
+        write_atomic(report, report_html(records, picture).encode("utf-8"))
+        written.append(report)
+    return written
+
+
+def summary_for_json(records: Sequence[RunRecord]) -> dict[str, Any]:
+    """``slmkit compare --json``: the differing keys with each run's value, and metrics."""
+    keys = differing_keys(records)
+    return {
+        "runs": [r.as_json() for r in records],
+        "differences": {
+            key: {r.run_id: lookup(r.experiment, key, None) for r in records} for key in keys
+        },
+    }

@@ -1,0 +1,325 @@
+"""Run folders read back: status, curves and final metrics of each run, from its files.
+
+A run folder holds ``experiment.toml`` (the resolved experiment) and ``log.jsonl`` (one
+event a line). Everything here is recomputed from those two files, so it works for runs that
+are finished, still training, stopped, or killed, and needs neither torch nor the plugins.
+
+A resumed run appends a new ``run_start`` (with ``resumed_from_step``) to the same log.
+Steps the killed process had logged past that checkpoint were trained again, so the curves
+drop them and keep the values of the resumed process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from slmkit.errors import SlmkitError
+from slmkit.runlog import read_events
+from slmkit.table import format_table
+
+#: what a run's ``status`` can be
+STATUSES = ("running", "finished", "stopped", "failed")
+
+
+@attrs.define
+class Curve:
+    """Loss values by step, in step order."""
+
+    steps: list[int] = attrs.field(factory=list)
+    values: list[float] = attrs.field(factory=list)
+
+    @classmethod
+    def from_points(cls, points: dict[int, float]) -> Curve:
+        """A curve from ``{step: value}``."""
+        steps = sorted(points)
+        return cls(steps, [points[s] for s in steps])
+
+
+@attrs.define
+class RunRecord:
+    """One run folder as ``slmkit runs`` and ``slmkit compare`` see it."""
+
+    run_id: str
+    run_dir: Path
+    experiment_name: str
+    status: str
+    status_detail: str
+    steps: int
+    max_steps: int | None
+    last_val_loss: float | None
+    last_val_bpc: float | None
+    best_val_loss: float | None
+    best_val_bpc: float | None
+    train_loss: float | None
+    tokens_per_s: float | None
+    tokens_per_step: int | None
+    config_hash: str | None
+    git_commit: str | None
+    git_dirty: bool | None
+    started: str | None
+    sweep: dict[str, Any] | None
+    experiment: dict[str, Any]
+    train_curve: Curve
+    val_curve: Curve
+    last_sample: str | None
+
+    @property
+    def tokens_seen(self) -> int | None:
+        """Training tokens consumed so far."""
+        return None if self.tokens_per_step is None else self.steps * self.tokens_per_step
+
+    def as_json(self) -> dict[str, Any]:
+        """The record for ``slmkit runs --json``: plain values, curves left out."""
+        return {
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir),
+            "experiment": self.experiment_name,
+            "status": self.status,
+            "status_detail": self.status_detail,
+            "steps": self.steps,
+            "max_steps": self.max_steps,
+            "tokens_seen": self.tokens_seen,
+            "train_loss": self.train_loss,
+            "last_val_loss": self.last_val_loss,
+            "last_val_bpc": self.last_val_bpc,
+            "best_val_loss": self.best_val_loss,
+            "best_val_bpc": self.best_val_bpc,
+            "tokens_per_s": self.tokens_per_s,
+            "config_hash": self.config_hash,
+            "git_commit": self.git_commit,
+            "git_dirty": self.git_dirty,
+            "started": self.started,
+            "sweep": self.sweep,
+        }
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` looks like a run folder (it has a log)."""
+    return (path / "log.jsonl").is_file()
+
+
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def _status(segment: list[dict[str, Any]]) -> tuple[str, str]:
+    """Status and a few words of why, from the events since the last ``run_start``."""
+    names = {e.get("event") for e in segment}
+    if "run_end" in names:
+        return "finished", "run_end logged"
+    if "run_failed" in names:
+        failed = next(e for e in reversed(segment) if e.get("event") == "run_failed")
+        return "failed", str(failed.get("error", "run_failed logged"))
+    if "run_interrupted" in names:
+        stop = next(e for e in reversed(segment) if e.get("event") == "run_interrupted")
+        return "stopped", f"{stop.get('signal', 'signal')} at step {stop.get('step')}"
+    start = segment[0] if segment else {}
+    if _process_alive(start.get("pid")):
+        return "running", f"process {start['pid']}"
+    return "stopped", "the process ended without logging why (killed?)"
+
+
+def _tokens_per_step(experiment: dict[str, Any], start: dict[str, Any]) -> int | None:
+    try:
+        t, m = experiment["training"], experiment["model"]
+        per_rank = int(t["batch_size"]) * int(t.get("grad_accum_steps", 1))
+        return per_rank * int(start.get("world_size") or 1) * int(m["context_length"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def read_run(run_dir: str | Path) -> RunRecord:
+    """Read one run folder; raises :class:`SlmkitError` when it is not one."""
+    run_dir = Path(run_dir)
+    log = run_dir / "log.jsonl"
+    if not log.is_file():
+        raise SlmkitError(f"{run_dir}: not a run folder (no log.jsonl)")
+    try:
+        experiment = tomllib.loads((run_dir / "experiment.toml").read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        experiment = {}
+    events = read_events(log)
+
+    train: dict[int, float] = {}
+    val: dict[int, tuple[float, float | None]] = {}
+    first_start: dict[str, Any] = {}
+    segment: list[dict[str, Any]] = []
+    steps = 0
+    train_tokens_per_s: float | None = None
+    sample: str | None = None
+    for event in events:
+        name = event.get("event")
+        step = event.get("step")
+        if name == "run_start":
+            first_start = first_start or event
+            resumed = event.get("resumed_from_step")
+            if resumed is not None:  # steps past the checkpoint were trained again
+                train = {s: v for s, v in train.items() if s <= resumed}
+                val = {s: v for s, v in val.items() if s <= resumed}
+                steps = min(steps, int(resumed))
+            segment = []
+        segment.append(event)
+        if isinstance(step, int):
+            steps = max(steps, step)
+        if name == "train_step" and step is not None:
+            train[step] = float(event["train_loss"])
+            train_tokens_per_s = event.get("tokens_per_s")
+        elif name == "eval" and step is not None:
+            val[step] = (float(event["val_loss"]), event.get("val_bpc"))
+        elif name == "sample":
+            sample = event.get("sample_text")
+
+    start = segment[0] if segment and segment[0].get("event") == "run_start" else first_start
+    status, detail = _status(segment) if start else ("failed", "no run_start logged")
+    end = next((e for e in reversed(segment) if e.get("event") == "run_end"), None)
+    summary = end.get("summary", {}) if end else {}
+    last = val[max(val)] if val else None
+    best_step = min(val, key=lambda s: val[s][0]) if val else None
+    best = val[best_step] if best_step is not None else None
+    return RunRecord(
+        run_id=str(start.get("run_id") or run_dir.name),
+        run_dir=run_dir,
+        experiment_name=str(
+            start.get("experiment") or experiment.get("experiment", {}).get("name", "?")
+        ),
+        status=status,
+        status_detail=detail,
+        steps=int(summary.get("steps", steps)),
+        max_steps=start.get("max_steps", experiment.get("training", {}).get("max_steps")),
+        last_val_loss=last[0] if last else None,
+        last_val_bpc=last[1] if last else None,
+        best_val_loss=best[0] if best else None,
+        best_val_bpc=best[1] if best else None,
+        train_loss=train[max(train)] if train else None,
+        tokens_per_s=summary.get("tokens_per_s") or train_tokens_per_s,
+        tokens_per_step=_tokens_per_step(experiment, start),
+        config_hash=start.get("config_hash"),
+        git_commit=start.get("git_commit"),
+        git_dirty=start.get("git_dirty"),
+        started=first_start.get("timestamp"),
+        sweep=first_start.get("sweep"),
+        experiment=experiment,
+        train_curve=Curve.from_points(train),
+        val_curve=Curve.from_points({s: v[0] for s, v in val.items()}),
+        last_sample=sample,
+    )
+
+
+def list_runs(runs_dir: str | Path, *, sweep: str | None = None) -> list[RunRecord]:
+    """Every run folder directly under ``runs_dir``, newest first (of one sweep, if given)."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise SlmkitError(f"{runs_dir}: no such folder of runs")
+    records = [read_run(p) for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p)]
+    if sweep is not None:
+        records = [r for r in records if (r.sweep or {}).get("id") == sweep]
+    records.sort(key=lambda r: (r.started or "", r.run_id), reverse=True)
+    return records
+
+
+def resolve_run(name: str, runs_dir: str | Path) -> Path:
+    """A run given as a folder path or as a run id under ``runs_dir``."""
+    path = Path(name)
+    for candidate in (path, Path(runs_dir) / name):
+        if candidate.is_dir() and is_run_dir(candidate):
+            return candidate
+    raise SlmkitError(f"{name}: no such run (neither a run folder nor a run id in {runs_dir})")
+
+
+# -- formatting --------------------------------------------------------------------------
+
+
+def format_loss(value: float | None) -> str:
+    """A loss to 4 decimals; ``-`` when there is none."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def format_started(timestamp: str | None) -> str:
+    """An ISO-8601 UTC timestamp as ``YYYY-MM-DD HH:MM``."""
+    if not timestamp:
+        return "-"
+    try:
+        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return timestamp
+
+
+def format_commit(record: RunRecord) -> str:
+    """The short commit, with ``+`` when the tree had local changes."""
+    if not record.git_commit:
+        return "-"
+    return record.git_commit[:8] + ("+" if record.git_dirty else "")
+
+
+def runs_table(records: Sequence[RunRecord], extra_keys: Sequence[str] = ()) -> str:
+    """The ``slmkit runs`` table; ``extra_keys`` adds a column per dotted experiment key."""
+    header = ["RUN_ID", "EXPERIMENT", "STATUS", "STEPS", "VAL_LOSS", "BEST_VAL", "BPC",
+              "TOK/S", "CONFIG", "COMMIT", "STARTED (UTC)", *extra_keys]  # fmt: skip
+    rows = [header]
+    for r in records:
+        steps = f"{r.steps}/{r.max_steps}" if r.max_steps else str(r.steps)
+        rows.append(
+            [
+                r.run_id,
+                r.experiment_name,
+                r.status,
+                steps,
+                format_loss(r.last_val_loss),
+                format_loss(r.best_val_loss),
+                format_loss(r.last_val_bpc),
+                "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
+                (r.config_hash or "-")[:12],
+                format_commit(r),
+                format_started(r.started),
+                *[format_value(lookup(r.experiment, key)) for key in extra_keys],
+            ]
+        )
+    return format_table(rows)
+
+
+#: what :func:`lookup` returns for a key the experiment lacks
+MISSING: Any = object()
+
+
+def lookup(experiment: dict[str, Any], dotted: str, default: Any = MISSING) -> Any:
+    """The value of a dotted key in a resolved experiment (list entries by index)."""
+    node: Any = experiment
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return default
+    return node
+
+
+def format_value(value: Any) -> str:
+    """A config value as it would read in TOML; ``(absent)`` for a key a run lacks."""
+    if value is MISSING:
+        return "(absent)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
