@@ -72,7 +72,7 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
     print(runs_table(records, [key for key, _ in axes]), end="")
     print(f"compare: slmkit compare --sweep {sweep_id} --runs-dir {runs_dir} --out report.html")
     if failed:
-        raise SlmkitError(f"sweep {sweep_id}: run(s) {', '.join(map(str, failed))} failed")
+        raise RunError(f"sweep {sweep_id}: run(s) {', '.join(map(str, failed))} failed")
     return 0
 
 

@@ -1,0 +1,402 @@
+"""Runs side by side: `slmkit runs`, `slmkit compare`, sweeps, from real tiny runs."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from conftest import TINY, merge
+from hypothesis import given
+from hypothesis import strategies as st
+
+from slmkit.cli import main
+from slmkit.compare import FIGURE_DPI, FIGURE_INCHES, differing_keys, loss_curves_png
+from slmkit.errors import SlmkitError
+from slmkit.progress import Console
+from slmkit.runlog import read_events
+from slmkit.runs import list_runs, read_run
+from slmkit.sweep import grid, split_values
+from slmkit.table import format_table
+
+SWEEP = ["--sweep", "model.n_layers=1,2", "--sweep", "optimizer.learning_rate=1e-3,3e-3"]
+
+
+def run_main(*args: str) -> tuple[int, str, str]:
+    """``slmkit ARGS`` in this process: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sweep_runs(tmp_path_factory) -> dict[str, Any]:
+    """A 2 x 2 sweep of tiny runs, plus one plain run, in one runs folder."""
+    root = tmp_path_factory.mktemp("runs_side_by_side")
+    experiment = root / "tiny.toml"
+    experiment.write_text(tomli_w.dumps(merge(TINY, {})), encoding="utf-8")
+    runs_dir = root / "runs"
+    code, out, err = run_main("run", str(experiment), "--runs-dir", str(runs_dir), *SWEEP)
+    assert code == 0, err
+    sweep_id = re.search(r"sweep (sweep-\S+): 4 runs of", out).group(1)
+    code, _, err = run_main("run", str(experiment), "--runs-dir", str(runs_dir),
+                            "--set", "training.max_steps=3")  # fmt: skip
+    assert code == 0, err
+    return {"root": root, "runs_dir": runs_dir, "sweep_id": sweep_id, "sweep_out": out}
+
+
+def folders(runs_dir: Path) -> list[Path]:
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir())
+
+
+def run_start(run_dir: Path) -> dict[str, Any]:
+    return next(e for e in read_events(run_dir / "log.jsonl") if e["event"] == "run_start")
+
+
+# -- sweeps ------------------------------------------------------------------------------
+
+
+def test_a_2x2_sweep_makes_4_tagged_run_folders_and_one_table(sweep_runs) -> None:
+    runs_dir, sweep_id = sweep_runs["runs_dir"], sweep_runs["sweep_id"]
+    tagged = [p for p in folders(runs_dir) if (run_start(p)["sweep"] or {}).get("id") == sweep_id]
+    assert len(tagged) == 4
+    starts = sorted((run_start(p)["sweep"] for p in tagged), key=lambda s: s["index"])
+    assert [s["overrides"] for s in starts] == [
+        ["model.n_layers=1", "optimizer.learning_rate=1e-3"],
+        ["model.n_layers=1", "optimizer.learning_rate=3e-3"],
+        ["model.n_layers=2", "optimizer.learning_rate=1e-3"],
+        ["model.n_layers=2", "optimizer.learning_rate=3e-3"],
+    ]
+    assert {s["size"] for s in starts} == {4}
+    # The resolved experiments really differ as the grid says.
+    layers = sorted(read_run(p).experiment["model"]["n_layers"] for p in tagged)
+    assert layers == [1, 1, 2, 2]
+
+    out = sweep_runs["sweep_out"]
+    tables = [line for line in out.splitlines() if line.startswith("RUN_ID")]
+    assert len(tables) == 1  # one comparison table, after all the runs
+    table = out[out.index(tables[0]) :].splitlines()
+    assert table[0].split()[-2:] == ["model.n_layers", "optimizer.learning_rate"]
+    rows = [line.split() for line in table[1:5]]
+    assert [(r[-2], r[-1]) for r in rows] == [("1", "0.001"), ("1", "0.003"),
+                                              ("2", "0.001"), ("2", "0.003")]  # fmt: skip
+    assert all(r[2] == "finished" and r[3] == "6/6" for r in rows)
+    assert f"slmkit compare --sweep {sweep_id}" in out
+
+
+def test_sweep_values_are_checked_before_any_run(write_experiment, tmp_path: Path) -> None:
+    path = write_experiment()
+    runs_dir = tmp_path / "runs"
+    code, _, err = run_main("run", str(path), "--runs-dir", str(runs_dir),
+                            "--sweep", "model.n_layers=2,two")  # fmt: skip
+    assert code == 2
+    assert "model.n_layers: expected an integer" in err and len(err.splitlines()) == 1
+    assert not runs_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        ("model.n_layers", "--sweep: model.n_layers: expected KEY=V1,V2,..."),
+        ("model.n_layers=", "expected KEY=V1,V2,..."),
+        ("model.n_layers=1,,2", "expected KEY=V1,V2,..."),
+    ],
+)
+def test_malformed_sweeps_are_one_line_errors(write_experiment, tmp_path, sweep, message) -> None:
+    code, _, err = run_main("run", str(write_experiment()), "--runs-dir", str(tmp_path / "r"),
+                            "--sweep", sweep)  # fmt: skip
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_key_swept_twice_and_sweep_with_resume_are_errors(write_experiment, tmp_path) -> None:
+    path = str(write_experiment())
+    code, _, err = run_main("run", path, "--sweep", "model.n_layers=1", "--sweep",
+                            "model.n_layers=2", "--runs-dir", str(tmp_path / "r"))  # fmt: skip
+    assert code == 2 and "model.n_layers: given twice" in err
+    code, _, err = run_main("run", path, "--sweep", "model.n_layers=1,2", "--resume", "x")
+    assert code == 2 and "cannot be combined with --resume" in err
+    assert not (tmp_path / "r").exists()
+
+
+TOML_VALUES = st.one_of(
+    st.integers(), st.lists(st.integers(), max_size=3), st.text(alphabet="ab,c ", max_size=5)
+)
+
+
+@given(st.lists(TOML_VALUES, min_size=1, max_size=4))
+def test_split_values_keeps_commas_inside_lists_and_strings(values: list[Any]) -> None:
+    import tomllib
+
+    raw = ",".join(tomli_w.dumps({"v": v}).partition("=")[2].strip() for v in values)
+    parsed = [tomllib.loads(f"v = {piece}")["v"] for piece in split_values(raw)]
+    assert parsed == values
+
+
+def test_grid_varies_the_first_sweep_slowest() -> None:
+    combos = grid([("a", ["1", "2"]), ("b", ["x", "y", "z"])])
+    assert combos[:4] == [["a=1", "b=x"], ["a=1", "b=y"], ["a=1", "b=z"], ["a=2", "b=x"]]
+    assert len(combos) == 6
+
+
+# -- slmkit runs -------------------------------------------------------------------------
+
+
+def test_runs_json_matches_the_logs(sweep_runs) -> None:
+    code, out, _ = run_main("runs", str(sweep_runs["runs_dir"]), "--json")
+    assert code == 0
+    records = json.loads(out)
+    assert len(records) == 5
+    started = [r["started"] for r in records]
+    assert started == sorted(started, reverse=True)  # newest first
+    for record in records:
+        run_dir = Path(record["run_dir"])
+        events = read_events(run_dir / "log.jsonl")
+        evals = [e for e in events if e["event"] == "eval"]
+        start = events[0]
+        assert record["run_id"] == start["run_id"] == run_dir.name
+        assert record["status"] == "finished"
+        assert record["steps"] == record["max_steps"] == start["max_steps"]
+        assert record["last_val_loss"] == evals[-1]["val_loss"]
+        assert record["last_val_bpc"] == evals[-1]["val_bpc"]
+        assert record["best_val_loss"] == min(e["val_loss"] for e in evals)
+        assert record["config_hash"] == start["config_hash"]
+        assert record["started"] == start["timestamp"]
+        assert record["tokens_seen"] == record["steps"] * 4 * 32  # batch x context
+        assert record["tokens_per_s"] > 0
+    plain = [r for r in records if r["sweep"] is None]
+    assert len(plain) == 1 and plain[0]["steps"] == 3
+
+
+def test_runs_table_has_a_row_per_run(sweep_runs) -> None:
+    code, out, _ = run_main("runs", str(sweep_runs["runs_dir"]))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["RUN_ID", "EXPERIMENT", "STATUS", "STEPS", "VAL_LOSS"]
+    rows = [line.split() for line in lines[1:]]
+    assert len(rows) == 5
+    by_id = {row[0]: row for row in rows}
+    for run_dir in folders(sweep_runs["runs_dir"]):
+        record = read_run(run_dir)
+        row = by_id[run_dir.name]
+        assert row[1:4] == ["tiny", "finished", f"{record.steps}/{record.max_steps}"]
+        assert row[4] == f"{record.last_val_loss:.4f}"
+        assert row[8] == record.config_hash[:12]
+
+
+def test_runs_of_one_sweep(sweep_runs) -> None:
+    sweep_id = sweep_runs["sweep_id"]
+    code, out, _ = run_main("runs", str(sweep_runs["runs_dir"]), "--sweep", sweep_id)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 5 and lines[0].split()[-1] == "optimizer.learning_rate"
+    code, out, _ = run_main("runs", str(sweep_runs["runs_dir"]), "--sweep", "sweep-none")
+    assert code == 0 and out.startswith("no runs in")
+
+
+def test_runs_of_a_missing_folder(tmp_path: Path) -> None:
+    code, _, err = run_main("runs", str(tmp_path / "nowhere"))
+    assert code == 2
+    assert err.strip() == f"slmkit: error: {tmp_path / 'nowhere'}: no such folder of runs"
+
+
+def copy_run(source: Path, dest_root: Path, name: str) -> Path:
+    dest = dest_root / name
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    return dest
+
+
+def rewrite_log(run_dir: Path, events: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(e) + "\n" for e in events)
+    (run_dir / "log.jsonl").write_text(text, encoding="utf-8")
+
+
+def test_status_running_stopped_failed_from_the_log(sweep_runs, tmp_path: Path) -> None:
+    source = folders(sweep_runs["runs_dir"])[0]
+    events = read_events(source / "log.jsonl")
+    cut = [e for e in events if e["event"] not in ("run_end",) and e.get("step", 0) <= 4]
+
+    def variant(name: str, first: dict[str, Any], *end: dict[str, Any]) -> Path:
+        run_dir = copy_run(source, tmp_path, name)
+        rewrite_log(run_dir, [{**cut[0], **first, "run_id": name}, *cut[1:], *end])
+        return run_dir
+
+    live = variant("live", {"pid": os.getpid()})  # its process (this one) is alive
+    killed = variant("killed", {"pid": 2**22 + 12345})  # no end event, process gone
+    failed = variant("failed", {}, {"event": "run_failed", "step": 5, "error": "hook exploded"})
+    stopped = variant("stopped", {}, {"event": "run_interrupted", "step": 4, "signal": "SIGTERM"})
+
+    assert (read_run(live).status, read_run(live).steps) == ("running", 4)
+    assert read_run(killed).status == "stopped"
+    assert (read_run(failed).status, read_run(failed).status_detail) == ("failed", "hook exploded")
+    assert read_run(stopped).status_detail == "SIGTERM at step 4"
+    code, out, _ = run_main("runs", str(tmp_path))
+    assert code == 0
+    rows = {line.split()[0]: line.split()[2:4] for line in out.splitlines()[1:]}
+    assert rows == {"live": ["running", "4/6"], "killed": ["stopped", "4/6"],
+                    "failed": ["failed", "5/6"], "stopped": ["stopped", "4/6"]}  # fmt: skip
+
+
+def test_a_resumed_run_keeps_the_resumed_values_of_retrained_steps(tmp_path: Path) -> None:
+    run = tmp_path / "resumed"
+    run.mkdir()
+    (run / "experiment.toml").write_text(tomli_w.dumps(merge(TINY, {})), encoding="utf-8")
+    start = {"event": "run_start", "run_id": "resumed", "max_steps": 6, "config_hash": "h",
+             "timestamp": "2026-12-01T10:00:00Z"}  # fmt: skip
+
+    def step(n: int, loss: float) -> dict[str, Any]:
+        return {"event": "train_step", "step": n, "train_loss": loss, "tokens_per_s": 1.0}
+
+    rewrite_log(run, [
+        start, step(1, 5.0), step(2, 4.0), {"event": "eval", "step": 2, "val_loss": 4.5},
+        step(3, 9.0),  # killed after step 3, last checkpoint at step 2
+        {**start, "resumed_from_step": 2, "timestamp": "2026-12-01T11:00:00Z"},
+        step(3, 3.0), step(4, 2.0), {"event": "eval", "step": 4, "val_loss": 2.5},
+        {"event": "run_end", "summary": {"steps": 4}},
+    ])  # fmt: skip
+    record = read_run(run)
+    assert record.train_curve.steps == [1, 2, 3, 4]
+    assert record.train_curve.values == [5.0, 4.0, 3.0, 2.0]
+    assert (record.val_curve.steps, record.val_curve.values) == ([2, 4], [4.5, 2.5])
+    assert (record.status, record.steps, record.best_val_loss) == ("finished", 4, 2.5)
+    assert record.started == "2026-12-01T10:00:00Z"  # when the run first started
+
+
+# -- slmkit compare ----------------------------------------------------------------------
+
+
+def sweep_folders(sweep_runs) -> list[Path]:
+    return [r.run_dir for r in list_runs(sweep_runs["runs_dir"], sweep=sweep_runs["sweep_id"])]
+
+
+def test_compare_prints_only_the_differing_keys(sweep_runs) -> None:
+    runs = sweep_folders(sweep_runs)[:3]
+    code, out, _ = run_main("compare", *map(str, runs))
+    assert code == 0
+    diff = out[: out.index("metrics:")].splitlines()
+    assert diff[0] == "config differences (2 keys):"
+    assert diff[1].split() == ["KEY", *(p.name for p in runs)]
+    keys = {line.split()[0]: line.split()[1:] for line in diff[2:] if line.strip()}
+    expected = {p.name: read_run(p).experiment for p in runs}
+    assert keys["model.n_layers"] == [str(expected[p.name]["model"]["n_layers"]) for p in runs]
+    assert set(keys) == {"model.n_layers", "optimizer.learning_rate"}
+    metrics = out[out.index("metrics:") :].splitlines()
+    assert [line.split()[0] for line in metrics[2:5]] == [p.name for p in runs]
+
+
+def test_compare_by_run_id_and_of_identical_experiments(sweep_runs) -> None:
+    run = sweep_folders(sweep_runs)[0]
+    code, out, _ = run_main("compare", run.name, str(run), "--runs-dir",
+                            str(sweep_runs["runs_dir"]))  # fmt: skip
+    assert code == 0 and "(the experiments are identical)" in out
+    code, _, err = run_main("compare", "no-such-run", "--runs-dir", str(sweep_runs["runs_dir"]))
+    assert code == 2 and "no-such-run: no such run" in err
+
+
+def test_compare_json_lists_differences_by_run(sweep_runs) -> None:
+    runs = sweep_folders(sweep_runs)
+    code, out, _ = run_main("compare", "--sweep", sweep_runs["sweep_id"], "--runs-dir",
+                            str(sweep_runs["runs_dir"]), "--json")  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    assert [r["run_id"] for r in data["runs"]] == sorted(
+        (p.name for p in runs), key=lambda n: read_run(sweep_runs["runs_dir"] / n).sweep["index"]
+    )
+    assert sorted(data["differences"]["model.n_layers"].values()) == [1, 1, 2, 2]
+
+
+def decode_png(data: bytes) -> tuple[int, ...]:
+    import matplotlib.image
+
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    return matplotlib.image.imread(io.BytesIO(data), format="png").shape
+
+
+def test_report_embeds_a_png_of_the_expected_size_and_every_run(sweep_runs, tmp_path) -> None:
+    report, png = tmp_path / "report.html", tmp_path / "curves.png"
+    code, out, _ = run_main("compare", "--sweep", sweep_runs["sweep_id"], "--runs-dir",
+                            str(sweep_runs["runs_dir"]), "--out", str(report),
+                            "--png", str(png))  # fmt: skip
+    assert code == 0 and f"wrote {report}" in out
+    html = report.read_text(encoding="utf-8")
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(embedded) == 1
+    width, height = (int(v * FIGURE_DPI) for v in FIGURE_INCHES)
+    assert decode_png(base64.b64decode(embedded[0]))[:2] == (height, width)
+    assert base64.b64decode(embedded[0]) == png.read_bytes()
+    for run_dir in sweep_folders(sweep_runs):
+        record = read_run(run_dir)
+        assert record.run_id in html
+        assert record.last_sample  # each run's latest sample is shown, escaped
+        import html as html_module
+
+        assert html_module.escape(record.last_sample) in html
+    assert "<td>model.n_layers</td>" in html
+    assert "http://" not in html.replace("http://www.w3.org", "")  # self-contained
+
+
+def test_report_into_a_missing_folder_writes_nothing(sweep_runs, tmp_path: Path) -> None:
+    run = sweep_folders(sweep_runs)[0]
+    target = tmp_path / "missing" / "report.html"
+    code, _, err = run_main("compare", str(run), "--out", str(target))
+    assert code == 2 and "no such folder" in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_without_matplotlib_the_message_names_the_extra(sweep_runs, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    records = [read_run(p) for p in sweep_folders(sweep_runs)]
+    with pytest.raises(SlmkitError, match=r"pip install 'slmkit\[plot\]'"):
+        loss_curves_png(records)
+    assert differing_keys(records) == ["model.n_layers", "optimizer.learning_rate"]
+
+
+# -- tables and the progress line -----------------------------------------------------------
+
+
+def test_format_table_aligns_columns_and_can_leave_the_last_free() -> None:
+    rows = [["A", "BB", "C"], ["xxx", "y", "a long last cell"]]
+    assert format_table(rows) == "A    BB  C\nxxx  y   a long last cell\n"
+    assert format_table(rows, wrap_last=True) == "A    BB  C\nxxx  y   a long last cell\n"
+    assert format_table([["A", "B"], ["x", "a long one"], ["y", "z"]], wrap_last=True) == (
+        "A  B\nx  a long one\ny  z\n"
+    )
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_redraws_on_a_terminal() -> None:
+    stream = FakeTerminal()
+    console = Console(stream)
+    console.progress(5, 100, 2.5, 1234.0, 95.0, val_loss=2.75)
+    console.progress(6, 100, 2.4, 1300.0, 94.0, val_loss=2.75)
+    console.say("step 6: val_loss 2.7")
+    text = stream.getvalue()
+    assert text.count("\r\x1b[2K") == 2 and text.endswith("\nstep 6: val_loss 2.7\n")
+    assert "step 6/100 | loss 2.4000 | val 2.7500 | 1,300 tok/s | ETA 1m34s" in text
+
+
+def test_progress_degrades_to_periodic_plain_lines_off_a_terminal() -> None:
+    stream = io.StringIO()
+    console = Console(stream, plain_interval=3600)
+    for step in range(1, 11):
+        console.progress(step, 10, 3.0, 500.0, 10.0 - step)
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        "step 1/10 | loss 3.0000 | 500 tok/s | ETA 9s",  # the first at once
+        "step 10/10 | loss 3.0000 | 500 tok/s | ETA 0s",  # and the last; nothing between
+    ]
+    assert "\r" not in stream.getvalue()
