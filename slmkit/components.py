@@ -69,26 +69,79 @@ class KVCache:
     """One layer's cache of attention keys and values during generation.
 
     Keys and values have shape ``(batch, n_heads, time, d_head)``; ``append`` adds the new
-    time steps and returns everything cached so far.
+    time steps and returns everything cached so far. They live in a buffer allocated on
+    the first append, ``max_length`` time steps long when given (``generate`` passes the
+    context length), so a step writes its keys in place instead of copying the whole cache
+    (``torch.cat``) as the cache grows. Without ``max_length`` the buffer doubles when full.
+
+    What ``append`` and ``keys``/``values`` return are views of the buffer: they stay
+    valid until :meth:`reset`, after which new keys overwrite them. The cache is for
+    inference (under ``torch.no_grad``); it does not track gradients through the buffer.
     """
 
-    def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+    def __init__(self, max_length: int | None = None) -> None:
+        self.max_length = max_length
+        self.length = 0  # number of cached time steps
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
 
     @property
-    def length(self) -> int:
-        """Number of cached time steps."""
-        return 0 if self.keys is None else self.keys.shape[2]
+    def capacity(self) -> int:
+        """Time steps the buffer holds before it must grow (0 before the first append)."""
+        return 0 if self._keys is None else self._keys.shape[2]
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The cached keys, ``(batch, n_heads, length, d_head)``; None when empty."""
+        return None if self._keys is None or not self.length else self._keys[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The cached values, like :attr:`keys`."""
+        if self._values is None or not self.length:
+            return None
+        return self._values[:, :, : self.length]
+
+    def reset(self) -> None:
+        """Forget every cached step; the buffer is kept for reuse."""
+        self.length = 0
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add this step's keys and values; return the full cached keys and values."""
-        if self.keys is None or self.values is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=2)
-            self.values = torch.cat([self.values, values], dim=2)
-        return self.keys, self.values
+        end = self.length + keys.shape[2]
+        if end > self.capacity or not self.length:
+            self._reserve(keys, values, end)
+        assert self._keys is not None and self._values is not None
+        self._keys[:, :, self.length : end] = keys
+        self._values[:, :, self.length : end] = values
+        self.length = end
+        return self._keys[:, :, :end], self._values[:, :, :end]
+
+    def _reserve(self, keys: torch.Tensor, values: torch.Tensor, needed: int) -> None:
+        """Make the buffer hold ``needed`` steps of tensors like ``keys`` and ``values``."""
+        buffer = self._keys
+        if (
+            buffer is not None
+            and self._values is not None
+            and needed <= buffer.shape[2]
+            and buffer.shape[:2] == keys.shape[:2]
+            and buffer.shape[3] == keys.shape[3]
+            and self._values.shape[3] == values.shape[3]
+            and buffer.dtype == keys.dtype
+            and buffer.device == keys.device
+        ):
+            return  # the first append after a reset, or into a fresh cache that fits
+        # At least max_length (one allocation for a whole generation), else double, so
+        # appending n steps one at a time copies O(n) in all rather than O(n^2).
+        capacity = max(needed, self.max_length or 0, 2 * self.capacity)
+        batch, n_heads, _, d_head = keys.shape
+        new_keys = keys.new_empty(batch, n_heads, capacity, d_head)
+        new_values = values.new_empty(batch, n_heads, capacity, values.shape[3])
+        if self.length:
+            assert buffer is not None and self._values is not None
+            new_keys[:, :, : self.length] = buffer[:, :, : self.length]
+            new_values[:, :, : self.length] = self._values[:, :, : self.length]
+        self._keys, self._values = new_keys, new_values
 
 
 @attrs.define

@@ -103,7 +103,9 @@ class LanguageModel(nn.Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
-        x = self.drop(self.hook_embed(x))
+        x = self.hook_embed(x)
+        if self.training:  # dropout is the identity in eval mode; generation skips the call
+            x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, BlockContext(positions, caches[layer] if caches else None))
         logits = self.head(self.ln_f(x))
@@ -124,7 +126,6 @@ class LanguageModel(nn.Module):
         """
         self.head.weight = self.tok_emb.weight
 
-    @torch.no_grad()
     def generate(
         self,
         prompt: torch.Tensor,
@@ -146,26 +147,49 @@ class LanguageModel(nn.Module):
         """
         was_training = self.training
         self.eval()
+        # Inference mode is no_grad without autograd's bookkeeping (version counters,
+        # view tracking), which is a noticeable share of a one-token step.
+        with torch.inference_mode():
+            out = self._sample(
+                prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache
+            )
+        self.train(was_training)
+        # an inference-mode tensor may not be saved for backward: hand back a plain one
+        return out.clone()
+
+    def _sample(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+        use_cache: bool,
+    ) -> torch.Tensor:
+        """The sampling loop of :meth:`generate` (in eval and inference mode)."""
         context = self.dims.context_length
         keep = max(1, context - context // 4)
-        out = prompt
-        caches: list[KVCache] | None = None
-        pending = out
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(out[:, -context:])
+        batch, n_prompt = prompt.shape
+        # Tokens are written into one preallocated tensor: no copy of the sequence per token.
+        out = prompt.new_empty(batch, n_prompt + max_new_tokens)
+        out[:, :n_prompt] = prompt
+        # One buffer per layer for the whole generation: a restart reuses it (reset).
+        caches = [KVCache(context) for _ in self.blocks] if use_cache else None
+        pending = out[:, max(0, n_prompt - context) : n_prompt]  # what the cache lacks
+        for n in range(n_prompt, n_prompt + max_new_tokens):
+            if caches is None:
+                logits, _ = self(out[:, max(0, n - context) : n])
             else:
-                if caches is None:
-                    caches, pending = [KVCache() for _ in self.blocks], out[:, -context:]
-                elif caches[0].length + pending.shape[1] > context:
-                    caches, pending = [KVCache() for _ in self.blocks], out[:, -keep:]
+                if caches[0].length + pending.shape[1] > context:
+                    for cache in caches:
+                        cache.reset()
+                    pending = out[:, n - keep : n]
                 logits, _ = self(pending, caches=caches)
             scaled = filter_logits(logits[:, -1, :].float() / temperature, top_k, top_p)
             probs = F.softmax(scaled, dim=-1)
-            token = torch.multinomial(probs, num_samples=1, generator=generator)
-            out = torch.cat([out, token], dim=1)
-            pending = token
-        self.train(was_training)
+            out[:, n : n + 1] = torch.multinomial(probs, num_samples=1, generator=generator)
+            pending = out[:, n : n + 1]
         return out
 
 

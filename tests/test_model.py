@@ -280,6 +280,68 @@ def test_cache_prefill_then_steps_matches_full_sequence(attention: str, chunks: 
     assert_close(torch.cat(pieces, dim=1), full, atol=1e-5)
 
 
+def kv(batch: int, time: int, seed: int, heads: int = 4, d_head: int = 8) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, heads, time, d_head, generator=generator)
+
+
+def test_preallocated_cache_writes_in_place_and_returns_views() -> None:
+    cache = KVCache(max_length=CTX)
+    steps = [(kv(2, 3, seed=0), kv(2, 3, seed=1))] + [
+        (kv(2, 1, seed=2 * i), kv(2, 1, seed=2 * i + 1)) for i in range(1, CTX - 2)
+    ]
+    first_keys, _ = cache.append(*steps[0])
+    for keys, values in steps[1:]:
+        all_keys, all_values = cache.append(keys, values)
+        # one buffer for the whole window: every step's result starts at the same memory
+        assert all_keys.data_ptr() == first_keys.data_ptr()
+    assert cache.length == CTX and cache.capacity == CTX
+    assert torch.equal(all_keys, torch.cat([k for k, _ in steps], dim=2))
+    assert torch.equal(all_values, torch.cat([v for _, v in steps], dim=2))
+    assert cache.keys is not None and torch.equal(cache.keys, all_keys)
+
+
+def test_cache_without_max_length_grows_and_keeps_its_contents() -> None:
+    cache = KVCache()
+    pieces = [(kv(1, n, seed=n), kv(1, n, seed=100 + n)) for n in (2, 1, 5, 1, 9, 1)]
+    for keys, values in pieces:
+        all_keys, all_values = cache.append(keys, values)
+    assert cache.length == 19 and cache.capacity >= 19
+    assert torch.equal(all_keys, torch.cat([k for k, _ in pieces], dim=2))
+    assert torch.equal(all_values, torch.cat([v for _, v in pieces], dim=2))
+
+
+def test_empty_and_reset_cache_state() -> None:
+    cache = KVCache(max_length=8)
+    assert (cache.length, cache.capacity, cache.keys, cache.values) == (0, 0, None, None)
+    old_keys, _ = cache.append(kv(1, 5, seed=0), kv(1, 5, seed=1))
+    cache.reset()
+    assert (cache.length, cache.capacity, cache.keys, cache.values) == (0, 8, None, None)
+    keys, values = kv(1, 3, seed=2), kv(1, 3, seed=3)
+    new_keys, new_values = cache.append(keys, values)
+    assert new_keys.data_ptr() == old_keys.data_ptr()  # the buffer is reused
+    assert torch.equal(new_keys, keys) and torch.equal(new_values, values)
+    # a reset cache takes other shapes too (a new buffer)
+    cache.reset()
+    wide, _ = cache.append(kv(3, 2, seed=4), kv(3, 2, seed=5))
+    assert wide.shape == (3, 4, 2, 8) and cache.length == 2
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_reset_cache_gives_the_same_logits_as_a_fresh_one(attention: str) -> None:
+    model = make_model(attention, seed=3).eval()
+    idx = tokens(2, CTX, seed=9)
+    with torch.no_grad():
+        full, _ = model(idx[:, 4:])
+        caches = [KVCache(CTX) for _ in model.blocks]
+        model(idx, caches=caches)  # fill the caches with other keys first
+        for cache in caches:
+            cache.reset()
+        first, _ = model(idx[:, 4:9], caches=caches)
+        rest = [model(idx[:, t : t + 1], caches=caches)[0] for t in range(9, CTX)]
+    assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5)
+
+
 # --- generation --------------------------------------------------------------------------
 
 
@@ -303,6 +365,53 @@ def test_generate_with_and_without_cache_agree(attention: str, prompt_len: int, 
     assert cached.shape == (2, prompt_len + new)
     assert torch.equal(cached[:, :prompt_len], prompt)
     assert torch.equal(cached, plain)
+
+
+def windowed_reference(
+    model: LanguageModel, prompt: torch.Tensor, n: int, seed: int
+) -> torch.Tensor:
+    """Sampling by recomputation over the window the cached path sees: the last
+    ``CTX`` tokens at first, and after each restart the last three quarters of the window
+    plus the tokens sampled since."""
+    generator = torch.Generator().manual_seed(seed)
+    keep = CTX - CTX // 4
+    out, start = prompt, max(0, prompt.shape[1] - CTX)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(n):
+            if out.shape[1] - start > CTX:
+                start = out.shape[1] - keep
+            logits, _ = model(out[:, start:])
+            probs = F.softmax(logits[:, -1, :].float(), dim=-1)
+            token = torch.multinomial(probs, num_samples=1, generator=generator)
+            out = torch.cat([out, token], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize(
+    ("prompt_len", "new"),
+    [(1, CTX), (1, CTX + 1), (3, 3 * CTX), (CTX - 1, 2), (CTX, 6), (CTX + 5, 20)],
+)
+def test_cached_generation_follows_its_window_past_the_context(
+    attention: str, prompt_len: int, new: int
+) -> None:
+    # Token for token, the cache path equals recomputing over the window it keeps: up to
+    # the context length, then across each restart (the buffers are reused, not rebuilt).
+    model = make_model(attention, seed=11)
+    prompt = tokens(2, prompt_len, seed=14)
+    cached = _generate(model, prompt, new, seed=6, use_cache=True)
+    assert torch.equal(cached, windowed_reference(model, prompt, new, seed=6))
+
+
+def test_generate_returns_an_ordinary_tensor() -> None:
+    # sampling runs in inference mode; what it returns must still be usable for training
+    model = make_model(seed=12)
+    out = _generate(model, tokens(2, 3), 8, seed=0, use_cache=True)
+    assert not out.is_inference()
+    _, loss = model(out[:, :-1], out[:, 1:])
+    assert loss is not None
+    loss.backward()
 
 
 def test_generate_same_seed_same_output_different_seed_differs() -> None:

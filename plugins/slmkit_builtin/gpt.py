@@ -65,11 +65,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         batch, time, d_model = x.shape
-        # (batch, time, 3*d_model) -> three of (batch, n_heads, time, d_head)
-        q, k, v = (
-            t.view(batch, time, self.n_heads, self.d_head).transpose(1, 2)
-            for t in self.qkv(x).split(d_model, dim=2)
-        )
+        # (batch, time, 3*d_model) -> (3, batch, n_heads, time, d_head) -> q, k, v: views
+        # only, and few of them (in generation every op costs per-token overhead)
+        qkv = self.qkv(x).view(batch, time, 3, self.n_heads, self.d_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if ctx.cache is not None:
             k, v = ctx.cache.append(k, v)
@@ -82,7 +81,9 @@ class CausalSelfAttention(nn.Module):
                     self.hook_pattern(self._pattern(q, k))
             y = self._fused(q, k, v, dropout)
         y = y.transpose(1, 2).contiguous().view(batch, time, d_model)  # heads side by side
-        return self.resid_dropout(self.hook_out(self.proj(y)))
+        y = self.hook_out(self.proj(y))
+        # dropout is the identity in eval mode: skipping the call saves overhead per token
+        return self.resid_dropout(y) if self.training else y
 
     def _fused(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
@@ -119,7 +120,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.hook_post(F.gelu(self.hook_pre(self.fc(x))))
-        return self.dropout(self.proj(hidden))
+        out = self.proj(hidden)
+        return self.dropout(out) if self.training else out  # identity in eval mode
 
 
 class GPTBlock(nn.Module):
