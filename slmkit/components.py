@@ -42,9 +42,14 @@ class Tokenizer(Protocol):
         """Restore what :meth:`state_dict` returned."""
 
 
-# Optional fast path: a tokenizer may also define
+# Optional fast paths: a tokenizer may also define
 #   encode_to_tensor(text: str) -> torch.Tensor   (1-D integer tensor)
-# which the data pipeline prefers for whole corpora (vectorized, no per-token Python).
+# which the data pipeline prefers for whole corpora (vectorized, no per-token Python), and
+#   encode_span(text: str, start: int, end: int) -> torch.Tensor
+# the same for text[start:end] without slicing it, which the pipeline prefers to both
+# (it encodes each split where it lies in the corpus, so no split is copied). A tokenizer
+# whose ``train`` is a no-op may set ``needs_training = False``: the pipeline then does not
+# copy out the training text to call it.
 
 
 @attrs.define(frozen=True)

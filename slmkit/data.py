@@ -54,11 +54,22 @@ def compact_dtype(vocab_size: int) -> torch.dtype:
     return torch.int32
 
 
-def encode(tokenizer: Tokenizer, text: str) -> torch.Tensor:
-    """Encode ``text`` to a compact 1-D tensor, through the tokenizer's fast path if any."""
+def encode(tokenizer: Tokenizer, text: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Encode ``text[start:end]`` to a compact 1-D tensor, through a fast path if any.
+
+    A tokenizer with ``encode_span`` encodes the span where it lies; otherwise the span is
+    sliced out (a copy that lives only while it is encoded).
+    """
+    end = len(text) if end is None else end
+    dtype = compact_dtype(tokenizer.vocab_size)
+    in_place = getattr(tokenizer, "encode_span", None)
+    if in_place is not None:
+        return in_place(text, start, end).to(dtype)
+    span = text[start:end]  # the whole text is not copied: text[0:len(text)] is text
     fast = getattr(tokenizer, "encode_to_tensor", None)
-    ids = fast(text) if fast is not None else torch.tensor(tokenizer.encode(text))
-    return ids.to(compact_dtype(tokenizer.vocab_size))
+    if fast is not None:
+        return fast(span).to(dtype)
+    return torch.tensor(tokenizer.encode(span), dtype=dtype)
 
 
 def prepare_splits(
@@ -71,13 +82,17 @@ def prepare_splits(
 ) -> Splits:
     """Split, train the tokenizer on the training part (unless told not to), encode both.
 
+    The splits are encoded one after the other from ``text`` itself, so that at most one
+    of them exists as a copy of the text at a time (none with ``encode_span``, and no
+    training text for a tokenizer with ``needs_training = False``): for a large corpus,
+    the text and its token tensors are then all that fills memory.
+
     Raises :class:`DataError` when either split is shorter than one window.
     """
     cut = int(len(text) * (1 - val_fraction))
-    train_text, val_text = text[:cut], text[cut:]
-    if train_tokenizer:
-        tokenizer.train(train_text)
-    train, val = encode(tokenizer, train_text), encode(tokenizer, val_text)
+    if train_tokenizer and getattr(tokenizer, "needs_training", True):
+        tokenizer.train(text[:cut])  # the slice is freed as soon as training returns
+    train, val = encode(tokenizer, text, 0, cut), encode(tokenizer, text, cut)
     window = context_length + 1
     for name, tokens in (("validation", val), ("training", train)):
         if len(tokens) < window:
@@ -90,7 +105,7 @@ def prepare_splits(
     return Splits(train=train, val=val, n_chars=len(text), corpus_sha256=digest)
 
 
-def text_sha256(text: str, chunk: int = 1 << 22) -> str:
+def text_sha256(text: str, chunk: int = 1 << 20) -> str:
     """sha256 of the UTF-8 text, hashed in chunks so no full-size copy is made."""
     hasher = hashlib.sha256()
     for start in range(0, len(text), chunk):

@@ -206,7 +206,7 @@ def test_large_text_encodes_like_its_pieces() -> None:
     reps = _CHUNK // len(normalize(piece)) + 1000
     tail = "the ascii tail.\n" * 50
     big = piece * reps + tail
-    assert len(big) > 4_000_000
+    assert len(big) > _CHUNK
     assert len(normalize(big)) > _CHUNK
 
     got = tok.encode_to_tensor(big)
@@ -222,3 +222,61 @@ def test_large_text_encodes_like_its_pieces() -> None:
         UNK_ID,
         tok.encode("-")[0],
     ]
+
+
+# --- encoding a span in place (the data pipeline's path) ----------------------------------
+
+
+def reference_ids(text: str) -> list[int]:
+    """One id per normalized character, looked up one by one: the policy, spelled out."""
+    id_of = {ch: i for i, ch in enumerate(tok.tokens) if i >= 2}
+    return [id_of.get(ch, UNK_ID) for ch in normalize(text)]
+
+
+# mostly ASCII, with \r\n pairs, accents, curly quotes, characters that normalization
+# lengthens ("ß" -> "ss", "…" -> "...") or drops (soft hyphen), and ones it cannot spell
+mixed_text = st.lists(
+    st.sampled_from(
+        ["a", "b", " ", "\n", "\r", "\r\n", "é", "\u201c", "ß", "…", "\u00ad", "中", "\ud800"]
+    ),
+    max_size=120,
+).map("".join)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 7 characters, so that short texts cross many chunk boundaries."""
+    import slmkit_builtin.char
+
+    monkeypatch.setattr(slmkit_builtin.char, "_CHUNK", 7)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mixed_text, st.data())
+def test_encode_span_equals_encoding_the_slice(text: str, data: st.DataObject) -> None:
+    start = data.draw(st.integers(0, len(text)))
+    end = data.draw(st.integers(start, len(text)))
+    ids = tok.encode_span(text, start, end)
+    assert ids.dtype == torch.uint8
+    assert ids.tolist() == reference_ids(text[start:end])
+
+
+@pytest.mark.usefixtures("small_chunks")
+@settings(max_examples=300, deadline=None)
+@given(mixed_text)
+def test_chunk_boundaries_and_growth_change_nothing(text: str) -> None:
+    assert tok.encode_to_tensor(text).tolist() == reference_ids(text)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_output_grows_when_normalization_lengthens_the_text() -> None:
+    text = "ß" * 50 + "…" * 30 + "x"  # 81 characters -> 100 + 90 + 1
+    ids = tok.encode_to_tensor(text)
+    assert len(ids) == 191
+    assert ids.tolist() == reference_ids(text)
+
+
+def test_a_crlf_pair_at_a_chunk_boundary_stays_one_newline(small_chunks: None) -> None:
+    text = "abcdef\r\nghijkl\r\n"  # the \r is the 7th character: the end of the first chunk
+    assert tok.encode_to_tensor(text).tolist() == reference_ids(text)
+    assert tok.decode(tok.encode_to_tensor(text)) == "abcdef\nghijkl\n"

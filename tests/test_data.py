@@ -115,6 +115,7 @@ def test_split_records_the_corpus_hash() -> None:
 
 def test_tokenizer_is_trained_on_the_training_part_only() -> None:
     class Recording(CharTokenizer):
+        needs_training = True
         seen: list[str]
 
         def train(self, text: str) -> None:
@@ -413,3 +414,81 @@ def test_file_corpus_folder_is_read_in_sorted_order(tmp_path: Path) -> None:
     assert read_corpus(corpus) == "\n".join(
         f"<{p.relative_to(tmp_path).as_posix()}>" for p in expected
     )
+
+
+# --- encoding the splits where they lie ---------------------------------------------------
+
+
+def sliced_splits(text: str, val_fraction: float) -> tuple[list[int], list[int]]:
+    """The splits as the design defines them: slice by characters, encode each slice."""
+    tok = CharTokenizer()
+    cut = int(len(text) * (1 - val_fraction))
+    return tok.encode(text[:cut]), tok.encode(text[cut:])
+
+
+split_text = st.lists(
+    st.sampled_from(["x", "y", " ", "\n", "\r", "\r\n", "é", "\u2019", "ß", "中"]),
+    min_size=100,
+    max_size=400,
+).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(split_text, st.sampled_from([0.1, 0.3, 0.5]))
+def test_splits_equal_encoding_the_sliced_text(text: str, val_fraction: float) -> None:
+    splits = prepare_splits(text, CharTokenizer(), val_fraction, context_length=1)
+    train, val = sliced_splits(text, val_fraction)
+    assert splits.train.tolist() == train
+    assert splits.val.tolist() == val
+    assert splits.train.dtype == splits.val.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("ascii_only", [True, False])
+def test_large_splits_equal_encoding_the_sliced_text(ascii_only: bool) -> None:
+    # several chunks of the char tokenizer; the cut falls inside a chunk and on a \r\n pair
+    line = "the quick brown fox\r\n" if ascii_only else "the “quick” brown fox—straße\r\n"
+    text = line * 120_000
+    cut_at_cr = text.index("\r", 2_000_000)
+    val_fraction = 1 - (cut_at_cr + 1) / len(text)
+    splits = prepare_splits(text, CharTokenizer(), val_fraction, context_length=16)
+    cut = int(len(text) * (1 - val_fraction))
+    assert text[cut - 1 : cut + 1] == "\r\n"  # the pair is cut in two, as slicing cuts it
+    train, val = sliced_splits(text, val_fraction)
+    assert torch.equal(splits.train, torch.tensor(train, dtype=torch.uint8))
+    assert torch.equal(splits.val, torch.tensor(val, dtype=torch.uint8))
+
+
+class SliceOnly:
+    """A tokenizer with only the required methods, recording what it encodes."""
+
+    vocab_size, pad_id = 300, None
+
+    def __init__(self) -> None:
+        self.trained: list[str] = []
+        self.encoded: list[str] = []
+
+    def train(self, text: str) -> None:
+        self.trained.append(text)
+
+    def encode(self, text: str) -> list[int]:
+        self.encoded.append(text)
+        return [ord(c) % 300 for c in text]
+
+
+def test_tokenizers_without_fast_paths_get_the_slices() -> None:
+    tok = SliceOnly()
+    splits = prepare_splits(TEXT, tok, 0.1, context_length=16)  # type: ignore[arg-type]
+    assert tok.trained == [TEXT[:900]]
+    assert tok.encoded == [TEXT[:900], TEXT[900:]]
+    assert splits.train.dtype == torch.int16  # compact for a vocabulary of 300
+    assert splits.train.tolist() == [ord(c) % 300 for c in TEXT[:900]]
+
+
+def test_a_fixed_vocabulary_is_not_trained() -> None:
+    class Fixed(SliceOnly):
+        needs_training = False
+
+    tok = Fixed()
+    prepare_splits(TEXT, tok, 0.1, context_length=16)  # type: ignore[arg-type]
+    assert tok.trained == []
+    assert tok.encoded == [TEXT[:900], TEXT[900:]]

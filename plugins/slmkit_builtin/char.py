@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 
 import slmkit
@@ -74,7 +75,9 @@ LETTERS = str.maketrans(
         "ı": "i",
     }
 )
-_CHUNK = 1 << 22  # characters encoded per vectorized step: bounds the int64 temporaries
+# Characters normalized and encoded per step. It bounds the temporaries (a few copies of
+# one chunk, at most 4 bytes a character) to a few MB, whatever the size of the text.
+_CHUNK = 1 << 20
 
 
 def normalize(text: str) -> str:
@@ -110,18 +113,19 @@ class CharTokenizer:
     """The char tokenizer (see the module docstring for the policy)."""
 
     pad_id: int | None = PAD_ID
+    #: the vocabulary is fixed: the data pipeline need not copy out a training text
+    needs_training = False
 
     def __init__(self) -> None:
         self.tokens: list[str] = [*SPECIALS, *ALPHABET]
         self.vocab_size = len(self.tokens)
         self._id_of = {ch: i for i, ch in enumerate(self.tokens) if i >= len(SPECIALS)}
-        # codepoint -> id for codepoints 0..127; index 128 stands for "anything else"
-        table = torch.full((129,), UNK_ID, dtype=torch.uint8)
+        # byte -> id for bytes.translate (one C pass, no wider copy); any byte that is not
+        # a character of the alphabet, NUL included, maps to <UNK>
+        table = bytearray([UNK_ID]) * 256
         for ch, i in self._id_of.items():
             table[ord(ch)] = i
-        self._table = table
-        # the same map for ASCII bytes, for bytes.translate: one C pass, no int64 copy
-        self._byte_table = bytes(table[:128].tolist()) + bytes([UNK_ID]) * 128
+        self._byte_table = bytes(table)
         self._text_of = ["", UNK_TEXT, *ALPHABET]
 
     def train(self, text: str) -> None:
@@ -132,28 +136,45 @@ class CharTokenizer:
         return self.encode_to_tensor(text).tolist()
 
     def encode_to_tensor(self, text: str) -> torch.Tensor:
-        """Normalize and encode ``text`` into a uint8 tensor, vectorized, chunk by chunk.
+        """Normalize and encode ``text`` into a uint8 tensor, one id per character."""
+        return self.encode_span(text, 0, len(text))
 
-        Chunks bound the temporary copies that normalization and the int64 lookup make;
-        normalization is per character, so chunking changes nothing, as long as a
+    def encode_span(self, text: str, start: int, end: int) -> torch.Tensor:
+        """Normalize and encode ``text[start:end]`` into a uint8 tensor, without copying it.
+
+        The span is encoded chunk by chunk into one tensor allocated up front: normalizing
+        rarely changes the number of characters, so the output is sized to the span and
+        grows only when it must ("ß" -> "ss"); otherwise no copy is larger than a chunk.
+        Normalization is per character, so chunking changes nothing, as long as a
         ``\r\n`` pair is never cut in two.
         """
-        pieces, start = [], 0
-        while start < len(text):
-            end = min(start + _CHUNK, len(text))
-            if text[end - 1] == "\r" and end < len(text):
-                end += 1
-            pieces.append(self._encode_normalized(normalize(text[start:end])))
-            start = end
-        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8)
+        out = torch.empty(end - start, dtype=torch.uint8)
+        filled = 0
+        while start < end:
+            stop = min(start + _CHUNK, end)
+            if text[stop - 1] == "\r" and stop < end:
+                stop += 1
+            ids = self._ids(normalize(text[start:stop]))
+            if filled + len(ids) > len(out):
+                # normalization lengthened the text: room for this chunk, the rest, 1/8 more
+                grown = torch.empty(
+                    filled + len(ids) + (end - stop) + len(out) // 8, dtype=torch.uint8
+                )
+                grown[:filled] = out[:filled]
+                out = grown
+            out.numpy()[filled : filled + len(ids)] = np.frombuffer(ids, dtype=np.uint8)
+            filled += len(ids)
+            start = stop
+        return out[:filled]
 
-    def _encode_normalized(self, piece: str) -> torch.Tensor:
-        if piece.isascii():
-            ids = piece.encode("ascii").translate(self._byte_table)
-            return torch.frombuffer(bytearray(ids), dtype=torch.uint8)
-        raw = piece.encode("utf-32-le", "surrogatepass")
-        codes = torch.frombuffer(bytearray(raw), dtype=torch.int32).clamp(max=128)
-        return self._table[codes.long()]
+    def _ids(self, normalized: str) -> bytes:
+        """The ids of normalized text, one byte per character."""
+        if not normalized.isascii():
+            # What normalization left outside ASCII has no spelling: one <UNK> per
+            # character, through NUL (which the table maps to <UNK>), so that the rest
+            # goes through bytes.translate, one C pass with no temporary wider than a byte.
+            normalized = _NON_ASCII.sub(lambda run: "\0" * len(run[0]), normalized)
+        return normalized.encode("ascii").translate(self._byte_table)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Ids back to text; ``<PAD>`` decodes to nothing, ``<UNK>`` to U+FFFD."""
