@@ -105,7 +105,7 @@ def prepare_splits(
     return Splits(train=train, val=val, n_chars=len(text), corpus_sha256=digest)
 
 
-def text_sha256(text: str, chunk: int = 1 << 20) -> str:
+def text_sha256(text: str, chunk: int = 1 << 18) -> str:
     """sha256 of the UTF-8 text, hashed in chunks so no full-size copy is made."""
     hasher = hashlib.sha256()
     for start in range(0, len(text), chunk):

@@ -280,3 +280,5 @@ def test_a_crlf_pair_at_a_chunk_boundary_stays_one_newline(small_chunks: None) -
     text = "abcdef\r\nghijkl\r\n"  # the \r is the 7th character: the end of the first chunk
     assert tok.encode_to_tensor(text).tolist() == reference_ids(text)
     assert tok.decode(tok.encode_to_tensor(text)) == "abcdef\nghijkl\n"
+    # a chunk that ends in \r followed by another \r is not stretched onto a new pair
+    assert tok.encode_to_tensor("aaaa\r\n\r\r\n").tolist() == reference_ids("aaaa\n\n\n")

@@ -76,8 +76,9 @@ LETTERS = str.maketrans(
     }
 )
 # Characters normalized and encoded per step. It bounds the temporaries (a few copies of
-# one chunk, at most 4 bytes a character) to a few MB, whatever the size of the text.
-_CHUNK = 1 << 20
+# one chunk, 1-4 bytes a character) to about a MB, whatever the size of the text; per-chunk
+# overhead is still negligible at this size.
+_CHUNK = 1 << 18
 
 
 def normalize(text: str) -> str:
@@ -152,8 +153,8 @@ class CharTokenizer:
         filled = 0
         while start < end:
             stop = min(start + _CHUNK, end)
-            if text[stop - 1] == "\r" and stop < end:
-                stop += 1
+            if stop < end and text[stop - 1 : stop + 1] == "\r\n":
+                stop += 1  # keep the pair together: it normalizes to one newline
             ids = self._ids(normalize(text[start:stop]))
             if filled + len(ids) > len(out):
                 # normalization lengthened the text: room for this chunk, the rest, 1/8 more
