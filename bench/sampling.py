@@ -26,7 +26,8 @@ import torch
 from bench import ROOT, fmt_spread, machine_line, parse_args, spread, table, write_results
 
 PROMPT = "\nROMEO:\n"
-TARGET_SPEEDUP = 5.0
+TARGET_SPEEDUP = 5.0  # issue 3
+TARGET_SPEEDUP_ISSUE_5 = 10.0
 
 
 REFERENCE_SHAPE = {
@@ -227,18 +228,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "\n(speed-up = recompute time / cache time of the same repeat, wall and CPU time; "
         "median (min–max) over repeats)"
     )
-    met = {}
+    met, met_issue_5 = {}, {}
     for threads, m in per_threads.items():
         met[threads] = m["speedup"]["median"] >= TARGET_SPEEDUP
+        met_issue_5[threads] = m["speedup"]["median"] >= TARGET_SPEEDUP_ISSUE_5
+        verdicts = (
+            f"{'met' if met[threads] else 'NOT met'}; "
+            f">= {TARGET_SPEEDUP_ISSUE_5:.0f}x (issue 5): "
+            f"{'met' if met_issue_5[threads] else 'NOT met'}"
+        )
         print(
             f"{threads} thread(s): speed-up {fmt_spread(m['speedup'], '{:.2f}')}x wall, "
             f"{fmt_spread(m['speedup_cpu_time'], '{:.2f}')}x CPU time; target >= "
             f"{TARGET_SPEEDUP:.0f}x at 500 new tokens (median): "
-            + (
-                ("met" if met[threads] else "NOT met")
-                if n_new == 500
-                else f"not evaluated (measured at {n_new} new tokens)"
-            )
+            + (verdicts if n_new == 500 else f"not evaluated (measured at {n_new} new tokens)")
         )
     same = fit_mismatch is None
     print(
@@ -277,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "target_speedup": TARGET_SPEEDUP,
         "target_met_median": {str(t): v for t, v in met.items()},
+        "target_speedup_issue_5": TARGET_SPEEDUP_ISSUE_5,
+        "target_issue_5_met_median": {str(t): v for t, v in met_issue_5.items()},
         "identity": {
             "tokens_checked": n_fit,
             "identical": same,
