@@ -537,7 +537,11 @@ class Trainer:
         run.log("run_interrupted", step=self.step, signal=name, checkpoint=str(path))
         code = 128 + self._stop_signal
         if not self.world.is_main:
-            raise RunInterrupted(f"{self.world.label}{name} at step {self.step}", exit_code=code)
+            raise RunInterrupted(
+                f"{name} at step {self.step} on rank {self.world.rank}; rank 0 saved the "
+                "checkpoint",
+                exit_code=code,
+            )
         command = f"slmkit run {self.source} --resume {run.run_dir}"
         if self.world.launched:
             command = f"torchrun <the same options> -m {command}"
