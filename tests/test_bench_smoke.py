@@ -72,7 +72,7 @@ CASES = [
         ["--smoke"],
         {"config", "configs", "ratios"},
         id="distributed",
-        marks=pytest.mark.slow,  # six subprocesses, two of them torchrun
+        marks=pytest.mark.slow,  # four training subprocesses, two of them torchrun
     ),
     pytest.param(
         "bpe",

@@ -43,6 +43,9 @@ EXACT = {
         "checkpoint_every": 2,
     },
     "sampling": {"every": 0},
+    # update hooks see the averaged gradients; forward hooks watch rank 0's share
+    "update_hooks": [{"name": "grad_stats"}],
+    "forward_hooks": [{"name": "activation_stats", "every": 2}],
 }
 
 
@@ -71,6 +74,11 @@ def train_losses(run_dir: Path) -> list[float]:
 
 def val_losses(run_dir: Path) -> list[float]:
     return [e["val_loss"] for e in read_events(run_dir / "log.jsonl") if e["event"] == "eval"]
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    return [e["metrics"]["total"] for e in read_events(run_dir / "log.jsonl")
+            if e["event"] == "update_hook"]  # fmt: skip
 
 
 # -- the pieces, in this process ------------------------------------------------------------
@@ -160,6 +168,9 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(
     (single,) = single_runs.iterdir()
     assert train_losses(run_dir) == pytest.approx(train_losses(single), abs=1e-5)
     assert val_losses(run_dir) == pytest.approx(val_losses(single), abs=1e-5)
+    # the update hook saw the gradient of the global batch: all-reduced and averaged
+    assert len(grad_norms(run_dir)) == 4
+    assert grad_norms(run_dir) == pytest.approx(grad_norms(single), rel=1e-4)
     files = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     assert files == {"experiment.toml", "log.jsonl", "tokenizer.json", "checkpoints/latest.pt",
                      "checkpoints/step_2.pt", "checkpoints/step_4.pt"}  # fmt: skip
@@ -167,6 +178,8 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(
     names = [e["event"] for e in events]
     assert names.count("run_start") == 1 and names.count("train_step") == 4
     assert names.count("checkpoint") == 2 and names[-1] == "run_end"
+    watched = [(e["step"], e["phase"]) for e in events if e["event"] == "forward_hook"]
+    assert watched == [(2, "train"), (4, "train")]  # once each, by rank 0
     start = events[0]
     assert (start["world_size"], start["backend"]) == (2, "gloo")
     assert (start["batch_size_per_rank"], start["global_batch_size"]) == (2, 8)
