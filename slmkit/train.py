@@ -494,12 +494,14 @@ class Trainer:
                 run.log("run_failed", step=self._current_step, error=message)
                 raise RunError(message) from None
             finally:
-                for signum, handler in previous.items():
-                    signal.signal(signum, handler)
                 self.console.close()
                 run.logger.close()
+                # Before the handlers go back: torchrun may still forward a signal.
+                self.world.leave()
+                for signum, handler in previous.items():
+                    signal.signal(signum, handler)
         finally:
-            self.world.leave()
+            self.world.leave()  # when the run folder could not be opened
 
     def _catch_signals(self) -> dict[int, Any]:
         """Turn SIGINT/SIGTERM into a request to stop after the current step."""
