@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,10 +60,10 @@ def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **ENV, **(extra or {})}
 
 
-def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None,
+def torchrun(*args: str, cwd: Path, env: dict[str, str] | None = None, nproc: int = 2,
              timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
     return subprocess.run(
-        torchrun_command(*args), cwd=cwd, env=environment(env), capture_output=True,
+        torchrun_command(*args, nproc=nproc), cwd=cwd, env=environment(env), capture_output=True,
         text=True, timeout=timeout, check=False,
     )  # fmt: skip
 
@@ -315,3 +316,65 @@ def test_a_killed_two_rank_run_resumes_bit_exactly(write_experiment, tmp_path: P
     assert train_losses(run_dir) == train_losses(whole)  # bit for bit, step by step
     ended = checkpoint.load(run_dir)
     assert ended["step"] == 200 and ended["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_one_rank_under_torchrun_is_bit_identical_to_one_process(
+    write_experiment, tmp_path: Path
+) -> None:
+    path = write_experiment()  # dropout 0.1
+    done = torchrun("run", str(path), "--runs-dir", str(tmp_path / "one"), cwd=tmp_path,
+                    nproc=1)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain = run_cli("run", str(path), "--runs-dir", str(tmp_path / "plain"), cwd=tmp_path, env=ENV)
+    assert plain.returncode == 0, plain.stderr
+    (one,) = (tmp_path / "one").iterdir()
+    (single,) = (tmp_path / "plain").iterdir()
+    assert read_events(one / "log.jsonl")[0]["backend"] == "gloo"
+    assert train_losses(one) == train_losses(single)
+    a, b = checkpoint.load(one)["model"], checkpoint.load(single)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # world size 1 either way: a plain process resumes the torchrun run
+    resumed = run_cli("run", str(path), "--resume", str(one), "--set", "training.max_steps=7",
+                      cwd=tmp_path, env=ENV)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_machines_resume_from_rank_0s_folder_alone(write_experiment, tmp_path) -> None:
+    """Two torchrun agents (one rank each) in two folders, as on two machines."""
+    path = write_experiment({"sampling": {"every": 0}})
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+
+    def launch(*args: str) -> None:
+        port = free_port()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                 "--nproc_per_node=1", f"--node-rank={node}", "--master-addr=127.0.0.1",
+                 f"--master-port={port}", "-m", "slmkit", "run", str(path), *args],
+                cwd=folder, env=environment(), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True,
+            )
+            for node, folder in enumerate(machines)
+        ]  # fmt: skip
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-3000:]
+
+    for folder in machines:
+        folder.mkdir()
+    launch("--runs-dir", "runs", "--set", "training.max_steps=3")
+    assert not (machines[1] / "runs").exists()  # only rank 0's machine has the run folder
+    (run_dir,) = (machines[0] / "runs").iterdir()
+    # machine 1 has no such folder: rank 0 reads the checkpoint and sends it over
+    launch("--resume", str(run_dir.relative_to(machines[0])))
+    assert checkpoint.load(run_dir)["step"] == 6
+    assert [e["step"] for e in read_events(run_dir / "log.jsonl")
+            if e["event"] == "train_step"] == [1, 2, 3, 4, 5, 6]  # fmt: skip
