@@ -122,6 +122,8 @@ class TrainedModel:
     device: torch.device
     step: int
     path: Path
+    #: ranks of the run that wrote it: its validation batches held batch_size x this windows
+    world_size: int = 1
 
 
 def load_trained(path: str | Path, manager: PluginManager, device: str = "auto") -> TrainedModel:
@@ -142,4 +144,5 @@ def load_trained(path: str | Path, manager: PluginManager, device: str = "auto")
         model.tie_embeddings()
     model.load_state_dict(payload["model"])
     model.eval()
-    return TrainedModel(exp, tokenizer, model, target, int(payload["step"]), ckpt_path)
+    world_size = int(payload.get("world_size", 1))
+    return TrainedModel(exp, tokenizer, model, target, int(payload["step"]), ckpt_path, world_size)

@@ -162,8 +162,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     except DataError as exc:
         raise ConfigError(source, "data", str(exc)) from None
+    batch_size = exp.training.batch_size * trained.world_size  # the run's global batch
     batches = validation_batches(
-        splits.val, exp.model.context_length, exp.training.batch_size, exp.training.eval_batches
+        splits.val, exp.model.context_length, batch_size, exp.training.eval_batches
     )
     val_loss = evaluate(trained.model, batches, trained.device)
     result = {

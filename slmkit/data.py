@@ -127,14 +127,28 @@ def epoch_order(n_windows: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class BatchStream:
-    """Endless training batches; its state is the number of windows consumed."""
+    """Endless training batches; its state is the number of windows consumed.
+
+    Under data parallelism every rank walks the same window order and takes its own
+    disjoint share: each draw takes a global batch of ``batch_size * world_size`` windows,
+    of which ``rank`` gets the ``rank``-th slice of ``batch_size``. The position (windows
+    consumed, counted globally) is then the same on every rank.
+    """
 
     def __init__(
-        self, tokens: torch.Tensor, context_length: int, batch_size: int, seed: int
+        self,
+        tokens: torch.Tensor,
+        context_length: int,
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.windows = windows(tokens, context_length)
         self.batch_size = batch_size
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.consumed = 0
         self._order_epoch = -1
         self._order = torch.empty(0, dtype=torch.long)
@@ -146,7 +160,7 @@ class BatchStream:
 
     def _next_indices(self) -> torch.Tensor:
         picked = []
-        for _ in range(self.batch_size):
+        for _ in range(self.batch_size * self.world_size):
             epoch, offset = divmod(self.consumed, self.n_windows)
             if epoch != self._order_epoch:
                 self._order, self._order_epoch = (
@@ -155,10 +169,11 @@ class BatchStream:
                 )
             picked.append(self._order[offset])
             self.consumed += 1
-        return torch.stack(picked)
+        start = self.rank * self.batch_size
+        return torch.stack(picked[start : start + self.batch_size])
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next ``(inputs, targets)``, each ``(batch_size, context_length)`` int64."""
+        """This rank's next ``(inputs, targets)``, each ``(batch_size, context_length)`` int64."""
         batch = self.windows[self._next_indices()].long()
         return batch[:, :-1], batch[:, 1:]
 
@@ -177,3 +192,17 @@ def validation_batches(
     """The fixed validation set: the first ``max_batches`` batches of windows, in order."""
     all_windows = windows(tokens, context_length)[: batch_size * max_batches].long()
     return [(b[:, :-1], b[:, 1:]) for b in all_windows.split(batch_size)]
+
+
+def rank_share(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], rank: int, world_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's part of each batch: near-equal disjoint slices, empty ones left out."""
+    if world_size == 1:
+        return batches
+    shares = []
+    for x, y in batches:
+        xs, ys = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
+        if len(xs):
+            shares.append((xs, ys))
+    return shares

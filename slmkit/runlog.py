@@ -43,6 +43,18 @@ class RunLog:
         self._file.close()
 
 
+class NullLog:
+    """A run log that writes nothing: what ranks other than 0 hold under torchrun."""
+
+    path = None
+
+    def event(self, event: str, /, **fields: Any) -> None:
+        """Drop the event (rank 0 logs for the whole run)."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
     """Parse a ``log.jsonl`` (skipping a torn last line of a killed run)."""
     import json

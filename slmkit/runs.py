@@ -136,10 +136,13 @@ def _status(segment: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def _tokens_per_step(experiment: dict[str, Any], start: dict[str, Any]) -> int | None:
+    """Training tokens per optimizer step: windows over all ranks x the context length."""
     try:
         t, m = experiment["training"], experiment["model"]
-        per_rank = int(t["batch_size"]) * int(t.get("grad_accum_steps", 1))
-        return per_rank * int(start.get("world_size") or 1) * int(m["context_length"])
+        windows = start.get("global_batch_size") or (
+            int(t["batch_size"]) * int(t.get("grad_accum_steps", 1))
+        )
+        return int(windows) * int(m["context_length"])
     except (KeyError, TypeError, ValueError):
         return None
 

@@ -68,6 +68,13 @@ CASES = [
         id="convergence",
     ),
     pytest.param(
+        "distributed",
+        ["--smoke"],
+        {"config", "configs", "ratios"},
+        id="distributed",
+        marks=pytest.mark.slow,  # four training subprocesses, two of them torchrun
+    ),
+    pytest.param(
         "bpe",
         ["--quick"],
         {"cases", "repeats"},
@@ -76,7 +83,7 @@ CASES = [
     ),
 ]
 #: the benchmarks that take ``--out DIR``
-TAKES_OUT = {"training", "hooks", "checkpoint"}
+TAKES_OUT = {"training", "hooks", "checkpoint", "distributed"}
 
 
 def test_every_benchmark_has_a_smoke_case() -> None:
