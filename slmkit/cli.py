@@ -43,6 +43,7 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
     """
     from pathlib import Path
 
+    from slmkit.distributed import World
     from slmkit.errors import ConfigError, RunError
     from slmkit.experiment import load_experiment
     from slmkit.runs import list_runs, runs_table
@@ -51,6 +52,10 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
 
     if args.resume:
         raise SlmkitError("--sweep starts new runs; it cannot be combined with --resume")
+    if World.from_env().launched:  # one process group per process: one run per torchrun
+        raise SlmkitError(
+            "--sweep cannot run under torchrun; start one torchrun per combination with --set"
+        )
     axes = parse_sweeps(args.sweep)
     combos = grid(axes)
     experiments = [load_experiment(args.experiment, manager, [*args.set, *c]) for c in combos]
