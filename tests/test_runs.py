@@ -127,7 +127,8 @@ def test_a_key_swept_twice_and_sweep_with_resume_are_errors(write_experiment, tm
     code, _, err = run_main("run", path, "--sweep", "model.n_layers=1,2", "--resume", "x")
     assert code == 2 and "cannot be combined with --resume" in err
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("WORLD_SIZE", "2")  # as under torchrun
+        for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+            env.setenv(key, value)  # as under torchrun
         code, _, err = run_main("run", path, "--sweep", "model.n_layers=1,2")
     assert code == 2 and "--sweep cannot run under torchrun" in err
     assert not (tmp_path / "r").exists()
