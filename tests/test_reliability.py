@@ -326,8 +326,14 @@ def test_a_full_disk_while_checkpointing_is_reported_and_loses_nothing(
 def test_a_new_run_never_reuses_a_run_folder(write_experiment, manager, tmp_path, monkeypatch):
     path = write_experiment()
     first = Path(trainer(path, tmp_path / "runs", manager).run()["run_dir"])
-    monkeypatch.setattr("slmkit.train.new_run_id", lambda name: first.name)
     before = (first / "log.jsonl").read_bytes()
-    with pytest.raises(FileExistsError):
+    # A name that is taken is drawn again...
+    names = iter([first.name, first.name, "fresh-name"])
+    monkeypatch.setattr("slmkit.train.new_run_id", lambda name: next(names))
+    second = Path(trainer(path, tmp_path / "runs", manager).run()["run_dir"])
+    assert second.name == "fresh-name"
+    # ...and when every draw is taken, the run stops with one line, touching nothing.
+    monkeypatch.setattr("slmkit.train.new_run_id", lambda name: first.name)
+    with pytest.raises(RunError, match="cannot find a free run folder name"):
         trainer(path, tmp_path / "runs", manager).run()
     assert (first / "log.jsonl").read_bytes() == before
