@@ -17,14 +17,7 @@ from typing import Any
 
 from slmkit.errors import SlmkitError
 from slmkit.experiment import changed_keys
-from slmkit.runs import (
-    RunRecord,
-    format_commit,
-    format_loss,
-    format_started,
-    format_value,
-    lookup,
-)
+from slmkit.runs import RunRecord, format_value, lookup, table_rows
 from slmkit.table import format_table
 
 #: the picture's size: inches x dpi = pixels (tests check the decoded size)
@@ -53,28 +46,14 @@ def config_diff_rows(records: Sequence[RunRecord]) -> list[list[str]]:
     return rows
 
 
+#: the metrics ``slmkit compare`` shows side by side
+METRIC_COLUMNS = ("RUN_ID", "STATUS", "STEPS", "TOKENS", "TRAIN_LOSS", "VAL_LOSS", "BEST_VAL",
+                  "BPC", "TOK/S", "CONFIG", "COMMIT", "STARTED (UTC)")  # fmt: skip
+
+
 def metric_rows(records: Sequence[RunRecord]) -> list[list[str]]:
     """One row per run: status, steps, tokens seen, losses, speed, provenance."""
-    rows = [["RUN_ID", "STATUS", "STEPS", "TOKENS", "TRAIN_LOSS", "VAL_LOSS", "BEST_VAL",
-             "BPC", "TOK/S", "CONFIG", "COMMIT", "STARTED (UTC)"]]  # fmt: skip
-    for r in records:
-        rows.append(
-            [
-                r.run_id,
-                r.status,
-                str(r.steps),
-                "-" if r.tokens_seen is None else f"{r.tokens_seen:,}",
-                format_loss(r.train_loss),
-                format_loss(r.last_val_loss),
-                format_loss(r.best_val_loss),
-                format_loss(r.last_val_bpc),
-                "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
-                (r.config_hash or "-")[:12],
-                format_commit(r),
-                format_started(r.started),
-            ]
-        )
-    return rows
+    return table_rows(records, METRIC_COLUMNS)
 
 
 def comparison_text(records: Sequence[RunRecord]) -> str:

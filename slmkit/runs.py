@@ -270,30 +270,45 @@ def format_commit(record: RunRecord) -> str:
     return record.git_commit[:8] + ("+" if record.git_dirty else "")
 
 
+def columns(r: RunRecord) -> dict[str, str]:
+    """Every column a table of runs can show, formatted, by header."""
+    return {
+        "RUN_ID": r.run_id,
+        "EXPERIMENT": r.experiment_name,
+        "STATUS": r.status,
+        "STEPS": f"{r.steps}/{r.max_steps}" if r.max_steps else str(r.steps),
+        "TOKENS": "-" if r.tokens_seen is None else f"{r.tokens_seen:,}",
+        "TRAIN_LOSS": format_loss(r.train_loss),
+        "VAL_LOSS": format_loss(r.last_val_loss),
+        "BEST_VAL": format_loss(r.best_val_loss),
+        "BPC": format_loss(r.last_val_bpc),
+        "TOK/S": "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
+        "CONFIG": (r.config_hash or "-")[:12],
+        "COMMIT": format_commit(r),
+        "STARTED (UTC)": format_started(r.started),
+    }
+
+
+#: the columns of ``slmkit runs``
+RUNS_COLUMNS = ("RUN_ID", "EXPERIMENT", "STATUS", "STEPS", "VAL_LOSS", "BEST_VAL", "BPC",
+                "TOK/S", "CONFIG", "COMMIT", "STARTED (UTC)")  # fmt: skip
+
+
+def table_rows(
+    records: Sequence[RunRecord], headers: Sequence[str], extra_keys: Sequence[str] = ()
+) -> list[list[str]]:
+    """A header row, then a row per run: the named columns and the dotted keys' values."""
+    rows = [[*headers, *extra_keys]]
+    for r in records:
+        cells = columns(r)
+        rows.append([*(cells[h] for h in headers),
+                     *(format_value(lookup(r.experiment, key)) for key in extra_keys)])  # fmt: skip
+    return rows
+
+
 def runs_table(records: Sequence[RunRecord], extra_keys: Sequence[str] = ()) -> str:
     """The ``slmkit runs`` table; ``extra_keys`` adds a column per dotted experiment key."""
-    header = ["RUN_ID", "EXPERIMENT", "STATUS", "STEPS", "VAL_LOSS", "BEST_VAL", "BPC",
-              "TOK/S", "CONFIG", "COMMIT", "STARTED (UTC)", *extra_keys]  # fmt: skip
-    rows = [header]
-    for r in records:
-        steps = f"{r.steps}/{r.max_steps}" if r.max_steps else str(r.steps)
-        rows.append(
-            [
-                r.run_id,
-                r.experiment_name,
-                r.status,
-                steps,
-                format_loss(r.last_val_loss),
-                format_loss(r.best_val_loss),
-                format_loss(r.last_val_bpc),
-                "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
-                (r.config_hash or "-")[:12],
-                format_commit(r),
-                format_started(r.started),
-                *[format_value(lookup(r.experiment, key)) for key in extra_keys],
-            ]
-        )
-    return format_table(rows)
+    return format_table(table_rows(records, RUNS_COLUMNS, extra_keys))
 
 
 #: what :func:`lookup` returns for a key the experiment lacks
