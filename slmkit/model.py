@@ -149,11 +149,13 @@ class LanguageModel(nn.Module):
         self.eval()
         # Inference mode is no_grad without autograd's bookkeeping (version counters,
         # view tracking), which is a noticeable share of a one-token step.
-        with torch.inference_mode():
-            out = self._sample(
-                prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache
-            )
-        self.train(was_training)
+        try:
+            with torch.inference_mode():
+                out = self._sample(
+                    prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache
+                )
+        finally:
+            self.train(was_training)
         # an inference-mode tensor may not be saved for backward: hand back a plain one
         return out.clone()
 
