@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.components import BlockContext, KVCache, ModelDims
+from slmkit.dropout import Dropout
 from slmkit.hooks import HookPoint, name_hook_points
 
 IGNORE_INDEX = -100
@@ -54,7 +55,7 @@ class LanguageModel(nn.Module):
             nn.Embedding(dims.context_length, dims.d_model) if learned_positions else None
         )
         self.hook_embed = HookPoint()
-        self.drop = nn.Dropout(dims.dropout)
+        self.drop = Dropout(dims.dropout)
         self.blocks = nn.ModuleList(make_block(layer) for layer in range(dims.n_layers))
         self.ln_f = FinalNorm(dims.d_model)
         self.head = nn.Linear(dims.d_model, dims.vocab_size, bias=False)

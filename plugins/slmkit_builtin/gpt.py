@@ -7,7 +7,9 @@ Attention is causal multi-head self-attention. By default it runs PyTorch's fuse
 ``scaled_dot_product_attention``; ``attention = "explicit"`` spells the same computation
 out (scores, mask, softmax, weighted sum) for reading and for checking the fused path. The
 fused path never materializes the attention pattern; when a forward hook watches
-``attn.hook_pattern`` it is computed on the side, so watching changes no output.
+``attn.hook_pattern`` it is computed on the side, so watching changes no output. Training
+on the CPU with dropout takes the explicit path (see ``CausalSelfAttention.forward``), and
+every dropout is :mod:`slmkit.dropout`'s, whose mask is cheaper to draw there.
 
 Hook points (shapes in docs/hooks.md): ``hook_resid_pre``, ``attn.hook_q/k/v``,
 ``attn.hook_pattern``, ``attn.hook_out``, ``mlp.hook_pre``, ``mlp.hook_post``,
@@ -26,6 +28,7 @@ from torch import nn
 
 import slmkit
 from slmkit.components import BlockContext, ModelDims
+from slmkit.dropout import Dropout, dropout
 from slmkit.hooks import HookPoint
 from slmkit.options import one_of
 
@@ -57,7 +60,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=options.bias)
         self.proj = nn.Linear(dims.d_model, dims.d_model, bias=options.bias)
         self.dropout = dims.dropout
-        self.resid_dropout = nn.Dropout(dims.dropout)
+        self.resid_dropout = Dropout(dims.dropout)
         self.explicit = options.attention == "explicit"
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_pattern = HookPoint()
@@ -72,40 +75,44 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if ctx.cache is not None:
             k, v = ctx.cache.append(k, v)
-        dropout = self.dropout if self.training else 0.0
-        if self.explicit:
-            y = self._explicit(q, k, v, dropout)
+        p_drop = self.dropout if self.training else 0.0
+        # On the CPU, SDPA with dropout falls back to this same math (scores, softmax,
+        # dropout, @ v) but draws its mask with slow bernoulli_: spelled out, it uses
+        # slmkit's cheaper dropout instead (a fifth of a reference training step).
+        if self.explicit or (p_drop > 0 and q.device.type == "cpu"):
+            y = self._explicit(q, k, v, p_drop)
         else:
             if self.hook_pattern.active:
                 with torch.no_grad():
                     self.hook_pattern(self._pattern(q, k))
-            y = self._fused(q, k, v, dropout)
+            y = self._fused(q, k, v, p_drop)
         y = y.transpose(1, 2).contiguous().view(batch, time, d_model)  # heads side by side
         y = self.hook_out(self.proj(y))
         # dropout is the identity in eval mode: skipping the call saves overhead per token
         return self.resid_dropout(y) if self.training else y
 
     def _fused(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p_drop: float
     ) -> torch.Tensor:
         n_queries, n_keys = q.shape[2], k.shape[2]
         if n_queries == n_keys:  # training, or the first step of generation
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
         mask = None if n_queries == 1 else causal_mask(n_queries, n_keys, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
 
     def _pattern(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Attention weights (batch, n_heads, queries, keys); each row sums to 1."""
-        # Scaled dot products: dividing by sqrt(d_head) keeps the softmax out of saturation.
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
-        mask = causal_mask(q.shape[2], k.shape[2], q.device)
-        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        # Scaled dot products: dividing by sqrt(d_head) keeps the softmax out of saturation
+        # (done to q, which is time/keys times smaller than the scores).
+        scores = (q * (1 / math.sqrt(self.d_head))) @ k.transpose(-2, -1)
+        future = ~causal_mask(q.shape[2], k.shape[2], q.device)
+        return scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
 
     def _explicit(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p_drop: float
     ) -> torch.Tensor:
         pattern = self.hook_pattern(self._pattern(q, k))
-        return F.dropout(pattern, p=dropout, training=dropout > 0) @ v
+        return dropout(pattern, p_drop) @ v
 
 
 class MLP(nn.Module):
@@ -115,7 +122,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dims.d_model, dims.d_ff, bias=options.bias)
         self.proj = nn.Linear(dims.d_ff, dims.d_model, bias=options.bias)
-        self.dropout = nn.Dropout(dims.dropout)
+        self.dropout = Dropout(dims.dropout)
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
