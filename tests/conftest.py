@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,15 @@ from typing import Any
 
 import pytest
 import tomli_w
+import torch
 
+import slmkit
+from slmkit import checkpoint
+from slmkit.experiment import load_experiment
 from slmkit.plugins import PluginManager
+from slmkit.progress import Console
+from slmkit.runlog import read_events
+from slmkit.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,3 +92,88 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         [sys.executable, "-m", "slmkit", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
+
+
+# -- tiny runs -------------------------------------------------------------------------------
+
+
+def train(path: Path, runs: Path, manager: PluginManager, overrides=(), resume=None) -> Path:
+    """Train the experiment at ``path`` quietly into ``runs``; the run folder."""
+    exp = load_experiment(path, manager, overrides)
+    trainer = Trainer(exp, manager, str(path), runs_dir=runs, resume=resume,
+                      console=Console(quiet=True))  # fmt: skip
+    return Path(trainer.run()["run_dir"])
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    """``(step, train_loss)`` of every train_step event."""
+    return [(e["step"], e["train_loss"]) for e in events(run_dir, "train_step")]
+
+
+def events(run_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The run's logged events called ``name``, in order."""
+    return [e for e in read_events(run_dir / "log.jsonl") if e["event"] == name]
+
+
+def assert_same_parameters(a: Path, b: Path) -> None:
+    """The newest checkpoints of two runs (or two checkpoint files) hold equal weights."""
+    pa, pb = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+
+
+class Interrupt:
+    """A plugin that fails the run right after the checkpoint of step ``at`` (None: never)."""
+
+    def __init__(self) -> None:
+        self.at: int | None = None
+
+    @slmkit.hookimpl
+    def on_checkpoint(self, step: int) -> None:
+        if step == self.at:
+            raise RuntimeError("interrupted")
+
+
+# -- installing plugin distributions ---------------------------------------------------------
+
+
+def plugin_env(*pythonpath: Path) -> dict[str, str]:
+    """The environment of a child process that sees the given folders as installed."""
+    env = dict(os.environ)
+    env.pop("SLMKIT_LOAD_PLUGINS", None)  # load every entry point, whatever the caller set
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(p) for p in pythonpath] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave no __pycache__ in the plugins' folders
+    return env
+
+
+def install_distributions(target: Path, folders: dict[str, Path], what: str) -> None:
+    """Build and install ``{distribution: folder}`` into ``target`` with uv, else pip.
+
+    Skips the test when neither is there; fails it, with the installer's output, when the
+    install fails.
+    """
+    uv = os.environ.get("UV") or shutil.which("uv")  # `uv run` exports UV
+    sources = [str(folder) for folder in folders.values()]
+    if uv:
+        # --refresh-package: rebuild from the current sources, not a cached wheel
+        refresh = [arg for dist in folders for arg in ("--refresh-package", dist)]
+        command = [uv, "pip", "install", "--no-deps", "--python", sys.executable,
+                   "--target", str(target), *refresh, *sources]  # fmt: skip
+    elif subprocess.run([sys.executable, "-m", "pip", "--version"],
+                        capture_output=True, check=False).returncode == 0:  # fmt: skip
+        command = [sys.executable, "-m", "pip", "install", "--no-deps",
+                   "--target", str(target), *sources]  # fmt: skip
+    else:
+        pytest.skip(f"neither uv nor pip is available to install {what}")
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.fail(
+            f"installing {what} failed (the build needs hatchling from PyPI or uv's cache):"
+            f"\n$ {' '.join(command)}\n{done.stdout}\n{done.stderr}"
+        )

@@ -14,9 +14,7 @@ by module-scoped fixtures, which keeps this file's runtime down.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +23,7 @@ from xml.etree import ElementTree
 
 import pytest
 import torch
+from conftest import install_distributions, plugin_env
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = "0.1.0"
@@ -86,12 +85,7 @@ SHRINK = [
 
 def _env(*pythonpath: Path) -> dict[str, str]:
     """The environment of a child process that sees the given folders as installed."""
-    env = dict(os.environ)
-    env.pop("SLMKIT_LOAD_PLUGINS", None)  # load every entry point, whatever the caller set
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(p) for p in pythonpath] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave no __pycache__ in the plugins' folders
+    env = plugin_env(*pythonpath)
     env.setdefault("OMP_NUM_THREADS", "1")  # several tiny processes at once share the CPUs
     return env
 
@@ -145,25 +139,6 @@ def junit_cases(report: Path) -> list[tuple[str, str, str]]:
     return cases
 
 
-def _install_command(target: Path) -> list[str] | None:
-    """How to install the examples: uv if there is one, else pip; None if neither."""
-    folders = [str(e["folder"]) for e in EXAMPLES.values()]
-    uv = os.environ.get("UV") or shutil.which("uv")  # `uv run` exports UV
-    if uv:
-        refresh = [arg for dist in DISTS for arg in ("--refresh-package", dist)]
-        return [
-            uv, "pip", "install", "--no-deps", "--python", sys.executable,
-            "--target", str(target), *refresh, *folders,
-        ]  # fmt: skip
-    has_pip = subprocess.run(
-        [sys.executable, "-m", "pip", "--version"], capture_output=True, check=False
-    )
-    if has_pip.returncode == 0:
-        pip = [sys.executable, "-m", "pip", "install", "--no-deps"]
-        return [*pip, "--target", str(target), *folders]
-    return None
-
-
 # -- fixtures ------------------------------------------------------------------------------
 
 
@@ -171,23 +146,8 @@ def _install_command(target: Path) -> list[str] | None:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The three examples built and installed into one throw-away folder (one install)."""
     target = tmp_path_factory.mktemp("site")
-    command = _install_command(target)
-    if command is None:
-        pytest.skip("neither uv nor pip is available to install the example plugins")
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    if done.returncode != 0:
-        pytest.fail(
-            f"installing the example plugins failed (the build needs hatchling from PyPI or "
-            f"uv's cache):\n$ {' '.join(command)}\n{done.stdout}\n{done.stderr}"
-        )
+    folders = {dist: example["folder"] for dist, example in EXAMPLES.items()}
+    install_distributions(target, folders, "the example plugins")
     for example in EXAMPLES.values():
         package = example["package"]
         assert (target / package / "__init__.py").is_file()

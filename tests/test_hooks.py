@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import assert_same_parameters, events, losses, train
 from slmkit_builtin.forward_hooks import (
     ActivationStats,
     ActivationStatsOptions,
@@ -100,30 +101,6 @@ def detach_all(model: LanguageModel) -> None:
 
 
 # -- helpers: runs -------------------------------------------------------------------------
-
-
-def train(path: Path, runs: Path, manager: PluginManager, overrides=(), resume=None) -> Path:
-    exp = load_experiment(path, manager, overrides)
-    trainer = Trainer(exp, manager, str(path), runs_dir=runs, resume=resume,
-                      console=Console(quiet=True))  # fmt: skip
-    summary = trainer.run()
-    return Path(summary["run_dir"])
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(e["step"], e["train_loss"]) for e in read_events(run_dir / "log.jsonl")
-            if e["event"] == "train_step"]  # fmt: skip
-
-
-def events(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    return [e for e in read_events(run_dir / "log.jsonl") if e["event"] == name]
-
-
-def assert_same_parameters(a: Path, b: Path) -> None:
-    pa, pb = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert torch.equal(pa[name], pb[name]), name
 
 
 def update_hook(hook: Any, name: str) -> EnabledHook:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Interrupt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from slmkit_builtin.schedules import (
@@ -228,18 +229,6 @@ def test_wsd_warmup_must_end_before_the_decay(schedules_manager) -> None:
 
 
 # -- in a run --------------------------------------------------------------------------
-
-
-class Interrupt:
-    """Fails the run right after the checkpoint of step ``at`` (None: never)."""
-
-    def __init__(self) -> None:
-        self.at: int | None = None
-
-    @slmkit.hookimpl
-    def on_checkpoint(self, step: int) -> None:
-        if step == self.at:
-            raise RuntimeError("interrupted")
 
 
 RUN: dict[str, Any] = {

@@ -10,8 +10,6 @@ failing to import leaves slmkit and every other plugin working.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import pytest
 import tomli_w
 import torch
+from conftest import install_distributions, plugin_env
 
 from slmkit.runlog import read_events
 
@@ -33,23 +32,12 @@ TIMEOUT = 300
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _env(*pythonpath: Path) -> dict[str, str]:
-    """The environment of a child process that sees the given folders as installed."""
-    env = dict(os.environ)
-    env.pop("SLMKIT_LOAD_PLUGINS", None)  # load every entry point, whatever the caller set
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(p) for p in pythonpath] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # leave no __pycache__ in the template's folder
-    return env
-
-
 def slmkit(*args: str, pythonpath: tuple[Path, ...], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run ``python -m slmkit ARGS`` (the ``slmkit`` command) in a fresh process."""
     return subprocess.run(
         [sys.executable, "-m", "slmkit", *args],
         cwd=cwd,
-        env=_env(*pythonpath),
+        env=plugin_env(*pythonpath),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -107,32 +95,6 @@ def single_run_log(runs_dir: Path) -> list[dict[str, Any]]:
     return read_events(logs[0])
 
 
-def _install_command(target: Path) -> list[str] | None:
-    """How to install the template: uv if there is one, else pip; None if neither."""
-    uv = os.environ.get("UV") or shutil.which("uv")  # `uv run` exports UV
-    if uv:
-        return [
-            uv,
-            "pip",
-            "install",
-            "--no-deps",
-            "--python",
-            sys.executable,
-            "--target",
-            str(target),
-            "--refresh-package",  # rebuild from the current sources, not a cached wheel
-            DIST,
-            str(TEMPLATE),
-        ]
-    has_pip = subprocess.run(
-        [sys.executable, "-m", "pip", "--version"], capture_output=True, check=False
-    )
-    if has_pip.returncode == 0:
-        pip = [sys.executable, "-m", "pip", "install", "--no-deps"]
-        return [*pip, "--target", str(target), str(TEMPLATE)]
-    return None
-
-
 # -- fixtures ------------------------------------------------------------------------------
 
 
@@ -140,23 +102,7 @@ def _install_command(target: Path) -> list[str] | None:
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The template built and installed into a throw-away folder (once per module)."""
     target = tmp_path_factory.mktemp("site")
-    command = _install_command(target)
-    if command is None:
-        pytest.skip("neither uv nor pip is available to install the template plugin")
-    done = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    if done.returncode != 0:
-        pytest.fail(
-            f"installing {TEMPLATE} failed (the build needs hatchling from PyPI or uv's cache):"
-            f"\n$ {' '.join(command)}\n{done.stdout}\n{done.stderr}"
-        )
+    install_distributions(target, {DIST: TEMPLATE}, str(TEMPLATE))
     assert (target / "slmkit_sgd_momentum" / "__init__.py").is_file()
     assert list(target.glob("slmkit_sgd_momentum-0.1.0.dist-info/entry_points.txt"))
     return target
@@ -204,7 +150,7 @@ def test_template_own_tests_pass_against_the_installed_copy(installed: Path) -> 
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TEMPLATE / "tests")],
         cwd=TEMPLATE,
-        env=_env(installed),
+        env=plugin_env(installed),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -215,7 +161,7 @@ def test_template_own_tests_pass_against_the_installed_copy(installed: Path) -> 
     where = subprocess.run(
         [sys.executable, "-c", "import slmkit_sgd_momentum as m; print(m.__file__)"],
         cwd=TEMPLATE,
-        env=_env(installed),
+        env=plugin_env(installed),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

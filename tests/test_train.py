@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import assert_same_parameters, losses, train
 
 import slmkit
 from slmkit import checkpoint
@@ -30,28 +31,8 @@ RUN_START_FIELDS = {
 }  # fmt: skip
 
 
-def train(path: Path, runs: Path, manager: PluginManager, overrides=(), resume=None) -> Path:
-    exp = load_experiment(path, manager, overrides)
-    trainer = Trainer(exp, manager, str(path), runs_dir=runs, resume=resume,
-                      console=Console(quiet=True))  # fmt: skip
-    summary = trainer.run()
-    return Path(summary["run_dir"])
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(e["step"], e["train_loss"]) for e in read_events(run_dir / "log.jsonl")
-            if e["event"] == "train_step"]  # fmt: skip
-
-
 def parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load(run_dir)["model"]
-
-
-def assert_same_parameters(a: Path, b: Path) -> None:
-    pa, pb = parameters(a), parameters(b)
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert torch.equal(pa[name], pb[name]), name
 
 
 def test_a_run_writes_its_folder_and_log(write_experiment, manager, tmp_path: Path) -> None:

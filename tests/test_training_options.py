@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY, merge
+from conftest import TINY, Interrupt, assert_same_parameters, events, merge
 
 import slmkit
 import slmkit.train
@@ -69,17 +69,6 @@ def losses(run_dir: Path) -> list[float]:
     return [loss for _, loss, _ in steps(run_dir)]
 
 
-def events(run_dir: Path, name: str) -> list[dict[str, Any]]:
-    return [e for e in read_events(run_dir / "log.jsonl") if e["event"] == name]
-
-
-def assert_same_parameters(a: Path, b: Path) -> None:
-    pa, pb = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert torch.equal(pa[name], pb[name]), name
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """One intra-op thread: these tiny models run many times faster so on a shared CPU."""
@@ -87,18 +76,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-class Interrupt:
-    """Fails the run right after the checkpoint of step ``at`` (None: never)."""
-
-    def __init__(self) -> None:
-        self.at: int | None = None
-
-    @slmkit.hookimpl
-    def on_checkpoint(self, step: int) -> None:
-        if step == self.at:
-            raise RuntimeError("interrupted")
 
 
 # -- gradient accumulation ---------------------------------------------------------------
