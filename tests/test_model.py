@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
-from slmkit_builtin.gpt import GPTBlock, GPTOptions, causal_mask
+from slmkit_builtin.gpt import GPTBlock, GPTOptions
 from torch import nn
 
+from slmkit.blocks import causal_mask
 from slmkit.components import KVCache, ModelDims
 from slmkit.model import LanguageModel
 

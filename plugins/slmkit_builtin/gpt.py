@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import slmkit
+from slmkit.blocks import causal_mask, init_gpt2_weights
 from slmkit.components import BlockContext, ModelDims
 from slmkit.dropout import Dropout, dropout
 from slmkit.hooks import HookPoint
@@ -39,16 +40,6 @@ class GPTOptions:
 
     attention: str = attrs.field(default="sdpa", validator=one_of(("sdpa", "explicit")))
     bias: bool = True
-
-
-def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask, True where query i may attend to key j.
-
-    The queries are the last ``n_queries`` of the ``n_keys`` positions (with a KV cache the
-    keys include earlier steps), so query i sees keys up to ``n_keys - n_queries + i``.
-    """
-    offset = n_keys - n_queries
-    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
 class CausalSelfAttention(nn.Module):
@@ -142,19 +133,7 @@ class GPTBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(dims.d_model, bias=options.bias)
         self.mlp = MLP(dims, options)
         self.hook_resid_post = HookPoint()
-        self._init_weights(dims.n_layers)
-
-    def _init_weights(self, n_layers: int) -> None:
-        # GPT-2 initialisation: N(0, 0.02) everywhere; the projections that write into the
-        # residual stream are scaled by 1/sqrt(2 * n_layers), since each layer adds two of
-        # them and the stream's variance would otherwise grow with depth.
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for proj in (self.attn.proj, self.mlp.proj):
-            nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+        init_gpt2_weights(self, (self.attn.proj, self.mlp.proj), dims.n_layers)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         x = self.hook_resid_pre(x)

@@ -48,6 +48,7 @@ import attrs
 import slmkit
 import torch
 import torch.nn.functional as F
+from slmkit.blocks import causal_mask, init_gpt2_weights
 from slmkit.components import BlockContext, ModelDims
 from slmkit.hooks import HookPoint
 from slmkit.options import OptionValueError, non_negative, positive
@@ -124,16 +125,6 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
 
 
 # -- the block --------------------------------------------------------------------------------
-
-
-def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask, True where query i may attend to key j.
-
-    The queries are the last ``n_queries`` of the ``n_keys`` positions (with a KV cache the
-    keys include earlier steps), so query i sees keys up to ``n_keys - n_queries + i``.
-    """
-    offset = n_keys - n_queries
-    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
 class RMSNorm(nn.Module):
@@ -240,18 +231,7 @@ class LlamaBlock(nn.Module):
         self.norm_2 = RMSNorm(dims.d_model, options.norm_eps)
         self.mlp = SwiGLU(dims, options)
         self.hook_resid_post = HookPoint()
-        self._init_weights(dims.n_layers)
-
-    def _init_weights(self, n_layers: int) -> None:
-        # As the gpt block: N(0, 0.02), and the two projections writing into the residual
-        # stream scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth.
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for proj in (self.attn.proj, self.mlp.down):
-            nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+        init_gpt2_weights(self, (self.attn.proj, self.mlp.down), dims.n_layers)
 
     def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         x = self.hook_resid_pre(x)
