@@ -14,10 +14,12 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
-import torch
+
+if TYPE_CHECKING:  # reading logs (`slmkit runs`, `compare`) must not wait for torch
+    import torch
 
 
 class RunLog:
@@ -95,6 +97,8 @@ def git_state(cwd: Path) -> dict[str, Any]:
 
 def environment(device: torch.device) -> dict[str, Any]:
     """What a bit-exact rerun depends on: versions, device, threads, CPU capability."""
+    import torch
+
     env: dict[str, Any] = {
         "torch_version": str(torch.__version__),
         "python_version": platform.python_version(),

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -405,3 +406,17 @@ def test_progress_degrades_to_periodic_plain_lines_off_a_terminal() -> None:
         "step 10/10 | loss 3.0000 | 500 tok/s | ETA 0s",  # and the last; nothing between
     ]
     assert "\r" not in stream.getvalue()
+
+
+def test_listing_and_comparing_runs_never_imports_torch(sweep_runs) -> None:
+    # Reading logs must start at once: torch alone takes seconds to import.
+    script = (
+        "import sys; from slmkit.cli import main; "
+        f"assert main(['runs', {str(sweep_runs['runs_dir'])!r}]) == 0; "
+        f"assert main(['compare', '--sweep', {sweep_runs['sweep_id']!r}, "
+        f"'--runs-dir', {str(sweep_runs['runs_dir'])!r}]) == 0; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
