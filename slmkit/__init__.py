@@ -1,12 +1,153 @@
-"""slmkit: small language models from first principles, built from plugins."""
+"""slmkit: small language models from first principles, built from plugins.
 
+This module is the plugin API: everything a plugin (built-in or third-party) may use is
+exported here, and nothing else in ``slmkit.*`` is promised to stay put. Plugins write
+``import slmkit`` and use ``slmkit.hookimpl``, ``slmkit.HookPoint``, ``slmkit.positive``...
+
+Names that need torch are imported on first use, so commands that only read logs
+(``slmkit runs``, ``slmkit compare``) start without it.
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
+from slmkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    PluginError,
+    RunError,
+    SlmkitError,
+)
 from slmkit.hookspecs import hookimpl
+from slmkit.options import (
+    NoOptions,
+    OptionValueError,
+    boolean,
+    in_range,
+    non_negative,
+    one_of,
+    positive,
+    two_betas,
+)
+from slmkit.param_groups import parameter_layer, weight_decay_groups
+
+if TYPE_CHECKING:
+    from slmkit.blocks import causal_mask, init_gpt2_weights
+    from slmkit.components import (
+        Block,
+        BlockContext,
+        BlockFactory,
+        Corpus,
+        CorpusFactory,
+        ForwardHook,
+        ForwardHookFactory,
+        KVCache,
+        ModelDims,
+        OptimizerFactory,
+        Register,
+        Schedule,
+        ScheduleFactory,
+        Tokenizer,
+        TokenizerFactory,
+        UpdateHook,
+        UpdateHookFactory,
+    )
+    from slmkit.dropout import Dropout, dropout
+    from slmkit.hookpoint import HookPoint
+    from slmkit.run import Run
 
 try:
     __version__ = version("slmkit")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__", "hookimpl"]
+#: the names that import torch, and the module each lives in (loaded on first use)
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "Block",
+            "BlockContext",
+            "BlockFactory",
+            "Corpus",
+            "CorpusFactory",
+            "ForwardHook",
+            "ForwardHookFactory",
+            "KVCache",
+            "ModelDims",
+            "OptimizerFactory",
+            "Register",
+            "Schedule",
+            "ScheduleFactory",
+            "Tokenizer",
+            "TokenizerFactory",
+            "UpdateHook",
+            "UpdateHookFactory",
+        ),
+        "slmkit.components",
+    ),
+    "causal_mask": "slmkit.blocks",
+    "init_gpt2_weights": "slmkit.blocks",
+    "Dropout": "slmkit.dropout",
+    "dropout": "slmkit.dropout",
+    "HookPoint": "slmkit.hookpoint",
+    "Run": "slmkit.run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a torch-dependent name of the API on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'slmkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "Block",
+    "BlockContext",
+    "BlockFactory",
+    "CheckpointError",
+    "ConfigError",
+    "Corpus",
+    "CorpusFactory",
+    "DataError",
+    "Dropout",
+    "ForwardHook",
+    "ForwardHookFactory",
+    "HookPoint",
+    "KVCache",
+    "ModelDims",
+    "NoOptions",
+    "OptimizerFactory",
+    "OptionValueError",
+    "PluginError",
+    "Register",
+    "Run",
+    "RunError",
+    "Schedule",
+    "ScheduleFactory",
+    "SlmkitError",
+    "Tokenizer",
+    "TokenizerFactory",
+    "UpdateHook",
+    "UpdateHookFactory",
+    "__version__",
+    "boolean",
+    "causal_mask",
+    "dropout",
+    "hookimpl",
+    "in_range",
+    "init_gpt2_weights",
+    "non_negative",
+    "one_of",
+    "parameter_layer",
+    "positive",
+    "two_betas",
+    "weight_decay_groups",
+]

@@ -1,17 +1,20 @@
-"""The interfaces that plugin components implement.
+"""The interfaces that plugin components implement, and the factories that build them.
 
 Plugins register factories (see :mod:`slmkit.hookspecs`); what those factories return must
 follow the protocols below. They are structural (``typing.Protocol``): a component needs
-the methods, not a base class.
+the methods, not a base class. Every factory takes the component's options first (an
+instance of the attrs class it registered), then what the kernel knows at build time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import attrs
-import torch
+
+if TYPE_CHECKING:  # annotations only: reading run logs must not wait for torch
+    import torch
 
 
 @runtime_checkable
@@ -220,3 +223,72 @@ class UpdateHook(Protocol):
         self, parameters: list[tuple[str, torch.nn.Parameter]], step: int, log: bool
     ) -> dict[str, Any] | None:
         """Transform ``p.grad`` of the named parameters at optimizer step ``step`` (from 1)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Factories: what ``register(name, factory, options=...)`` receives, one type per kind.
+# Options come first; a factory may raise OptionValueError for a bad combination of them.
+# ---------------------------------------------------------------------------------------
+
+
+class TokenizerFactory(Protocol):
+    """``factory(options)`` -> a fresh, untrained :class:`Tokenizer`."""
+
+    def __call__(self, options: Any, /) -> Tokenizer: ...
+
+
+class BlockFactory(Protocol):
+    """``factory(options, dims, layer)`` -> the ``nn.Module`` of block ``layer`` (from 0).
+
+    A factory with the attribute ``learned_positions = False`` (a block using rotary
+    embeddings, which reads ``ctx.positions``) gets a model without a position table.
+    """
+
+    def __call__(self, options: Any, dims: ModelDims, layer: int, /) -> torch.nn.Module: ...
+
+
+class OptimizerFactory(Protocol):
+    """``factory(options, param_groups)`` -> a ``torch.optim.Optimizer``.
+
+    Each group is a dict with ``params``, ``lr`` and ``decay`` (True for weight matrices);
+    :func:`slmkit.weight_decay_groups` maps ``decay`` to torch's ``weight_decay``.
+    """
+
+    def __call__(
+        self, options: Any, param_groups: list[dict[str, Any]], /
+    ) -> torch.optim.Optimizer: ...
+
+
+class ScheduleFactory(Protocol):
+    """``factory(options, max_steps)`` -> a :class:`Schedule` for a run of that length."""
+
+    def __call__(self, options: Any, max_steps: int, /) -> Schedule: ...
+
+
+class CorpusFactory(Protocol):
+    """``factory(options)`` -> a :class:`Corpus`."""
+
+    def __call__(self, options: Any, /) -> Corpus: ...
+
+
+class ForwardHookFactory(Protocol):
+    """``factory(options)`` -> a :class:`ForwardHook`."""
+
+    def __call__(self, options: Any, /) -> ForwardHook: ...
+
+
+class UpdateHookFactory(Protocol):
+    """``factory(options)`` -> an :class:`UpdateHook`."""
+
+    def __call__(self, options: Any, /) -> UpdateHook: ...
+
+
+class Register(Protocol):
+    """The ``register`` callable every registration hook receives.
+
+    ``register(name, factory, options=OptionsClass)``: ``options`` is an attrs class
+    (default: no options); the kernel structures the component's TOML table into it and
+    passes the instance to ``factory`` as its first argument.
+    """
+
+    def __call__(self, name: str, factory: Callable[..., Any], options: type = ...) -> None: ...

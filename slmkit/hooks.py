@@ -20,59 +20,9 @@ from torch import nn
 
 from slmkit.errors import HookFailure
 
-Observer = Callable[[str, torch.Tensor], None]
-
-
-class HookPoint(nn.Module):
-    """An identity module where forward hooks can watch a tensor go by.
-
-    ``name`` is set by the model to the point's module path. Observers receive
-    ``(name, tensor.detach())``; what they return is discarded, so they cannot change the
-    model's outputs (they must not modify the tensor in place either).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.name = ""
-        self.observers: list[Observer] = []
-
-    @property
-    def active(self) -> bool:
-        """Whether any hook is attached (blocks use it to skip optional work)."""
-        return bool(self.observers)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Deliberately not nn.Module.__call__: a point nobody watches costs one check.
-        if self.observers:
-            detached = x.detach()
-            for observe in self.observers:
-                observe(self.name, detached)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Identity."""
-        return x
-
-
-def name_hook_points(model: nn.Module) -> dict[str, HookPoint]:
-    """Give every :class:`HookPoint` of ``model`` its module path as name; return them."""
-    points = {}
-    for name, module in model.named_modules():
-        if isinstance(module, HookPoint):
-            module.name = name
-            points[name] = module
-    return points
-
-
 def select_points(points: Sequence[str], patterns: Sequence[str]) -> dict[str, list[str]]:
     """``{pattern: [matching points]}``; ``*`` matches across dots (``blocks.*.hook_q``)."""
     return {p: [name for name in points if fnmatch.fnmatchcase(name, p)] for p in patterns}
-
-
-def parameter_layer(name: str) -> str:
-    """The layer a parameter belongs to: ``blocks.2.attn.qkv.weight`` -> ``blocks.2``."""
-    parts = name.split(".")
-    return ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 1 else parts[0]
 
 
 def to_plain(value: Any) -> Any:

@@ -19,7 +19,7 @@ import pluggy
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from slmkit.train import Run
+    from slmkit.run import Run
 
 PROJECT_NAME = "slmkit"
 

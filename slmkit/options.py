@@ -66,6 +66,20 @@ def one_of(choices: Collection[Any]) -> Validator:
     return check
 
 
+def two_betas(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """Require two numbers ``[beta1, beta2]``, each in [0, 1) (Adam-style momentum rates)."""
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise OptionValueError(attribute.name, f"expected two numbers [beta1, beta2], got {value}")
+    for beta in value:
+        in_range(0, 1, high_open=True)(instance, attribute, beta)
+
+
+def boolean(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """Require ``true`` or ``false`` (also for options built in Python, not from TOML)."""
+    if not isinstance(value, bool):
+        raise OptionValueError(attribute.name, f"must be true or false, got {value!r}")
+
+
 @attrs.define(frozen=True)
 class NoOptions:
     """The options class of a component that takes none."""

@@ -22,7 +22,8 @@ import pluggy
 from slmkit import hookspecs
 from slmkit.errors import HookFailure, PluginError
 from slmkit.options import NoOptions
-from slmkit.registry import REGISTRATION_HOOKS, Component, Registry
+from slmkit.kinds import KINDS, Kind
+from slmkit.registry import Component, Registry
 
 #: built-in plugins, as dotted module paths, registered like any other plugin
 DEFAULT_PLUGINS: tuple[str, ...] = (
@@ -98,7 +99,7 @@ class PluginManager:
         self._environ = os.environ if environ is None else environ
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
-        self.registry = Registry()
+        self.registry = Registry([kind.name for kind in KINDS])
         self.plugins: dict[str, PluginInfo] = {}
         self._loaded = False
 
@@ -215,27 +216,25 @@ class PluginManager:
         return problems
 
     def _register_components(self, plugin: object, plugin_name: str) -> None:
-        for kind, hook_name in REGISTRATION_HOOKS.items():
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin is not plugin:
-                    continue
+        for kind in KINDS:
+            for impl in getattr(self.pm.hook, kind.hook).get_hookimpls():
+                if impl.plugin is plugin:
+                    register = self._registrar(kind, plugin_name)
+                    impl.function(**{arg: register for arg in impl.argnames})
 
-                def register(
-                    name: str,
-                    factory: Callable[..., Any],
-                    options: type = NoOptions,
-                    *,
-                    _kind: str = kind,
-                ) -> None:
-                    if not isinstance(name, str) or not name:
-                        raise PluginError(f"{_kind} name must be a non-empty string, got {name!r}")
-                    if not callable(factory):
-                        raise PluginError(f"{_kind} {name!r}: factory is not callable")
-                    if not attrs.has(options):
-                        raise PluginError(f"{_kind} {name!r}: options must be an attrs class")
-                    self.registry.add(Component(_kind, name, factory, options, plugin_name))
+    def _registrar(self, kind: Kind, plugin_name: str) -> Callable[..., None]:
+        """The ``register`` callable a plugin's registration hook of ``kind`` receives."""
 
-                impl.function(**{arg: register for arg in impl.argnames})
+        def register(name: str, factory: Callable[..., Any], options: type = NoOptions) -> None:
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"{kind.name} name must be a non-empty string, got {name!r}")
+            if not callable(factory):
+                raise PluginError(f"{kind.name} {name!r}: factory is not callable")
+            if not attrs.has(options):
+                raise PluginError(f"{kind.name} {name!r}: options must be an attrs class")
+            self.registry.add(Component(kind.name, name, factory, options, plugin_name))
+
+        return register
 
     # -- queries ---------------------------------------------------------------------
 

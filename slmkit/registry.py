@@ -7,25 +7,12 @@ kind and name, restricted to the plugins that take part in the run.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import attrs
 
 from slmkit.errors import PluginError
-
-#: component kind -> the registration hook that provides it
-REGISTRATION_HOOKS: dict[str, str] = {
-    "tokenizer": "register_tokenizers",
-    "block": "register_blocks",
-    "optimizer": "register_optimizers",
-    "schedule": "register_schedules",
-    "corpus": "register_corpora",
-    "forward_hook": "register_forward_hooks",
-    "update_hook": "register_update_hooks",
-}
-KINDS: tuple[str, ...] = tuple(REGISTRATION_HOOKS)
-
 
 @attrs.define(frozen=True)
 class Component:
@@ -43,9 +30,13 @@ class Component:
 
 
 class Registry:
-    """Components by kind and name; a name may be provided by several plugins."""
+    """Components by kind and name; a name may be provided by several plugins.
 
-    def __init__(self) -> None:
+    ``kinds`` orders listings (the order of :data:`slmkit.kinds.KINDS`).
+    """
+
+    def __init__(self, kinds: Sequence[str]) -> None:
+        self.kinds = tuple(kinds)
         self._providers: dict[tuple[str, str], list[Component]] = {}
 
     def add(self, component: Component) -> None:
@@ -66,7 +57,7 @@ class Registry:
         found = [c for cs in self._providers.values() for c in cs]
         if kind is not None:
             found = [c for c in found if c.kind == kind]
-        return sorted(found, key=lambda c: (KINDS.index(c.kind), c.name, c.plugin))
+        return sorted(found, key=lambda c: (self.kinds.index(c.kind), c.name, c.plugin))
 
     def provided_by(self, plugin: str) -> dict[str, list[str]]:
         """``{kind: [names]}`` for the components that ``plugin`` registered."""

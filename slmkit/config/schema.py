@@ -1,0 +1,231 @@
+"""The experiment schema: one attrs class per table, and the resolved :class:`Experiment`.
+
+Tables that pick a component (``[tokenizer] name``, ``[model] block``, ``[data] corpus``...)
+carry that component's own options in ``options`` (structured into the attrs class the
+component registered) and the resolved registry entry in ``component``. Arrays of tables
+(``[[forward_hooks]]``, ``[[update_hooks]]``, and any kind added later) live in
+:attr:`Experiment.arrays`, keyed by table name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import tomli_w
+
+from slmkit.config.structure import unstructure_section
+from slmkit.options import OptionValueError, in_range, non_negative, one_of, positive
+from slmkit.registry import Component
+
+
+@attrs.define(frozen=True)
+class ExperimentSection:
+    """``[experiment]``: name, seed and where run folders go."""
+
+    name: str = "experiment"
+    seed: int = attrs.field(default=1337, validator=non_negative)
+    runs_dir: str = "runs"
+
+
+@attrs.define(frozen=True)
+class PluginsSection:
+    """``[plugins]``: third-party distributions taking part, built-ins left out."""
+
+    enable: list[str] = attrs.Factory(list)
+    disable: list[str] = attrs.Factory(list)
+
+
+@attrs.define(frozen=True)
+class DataSection:
+    """``[data]``: the corpus component (its options are the other keys) and the split."""
+
+    corpus: str = "python_docs"
+    val_fraction: float = attrs.field(
+        default=0.05, validator=in_range(0, 1, low_open=True, high_open=True)
+    )
+    options: Any = None
+    #: the registered component the name resolved to (filled in by resolution)
+    component: Component | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.define(frozen=True)
+class TokenizerSection:
+    """``[tokenizer]``: the tokenizer component and its options."""
+
+    name: str = "char"
+    options: Any = None
+    #: the registered component the name resolved to (filled in by resolution)
+    component: Component | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.define(frozen=True)
+class ModelSection:
+    """``[model]``: model-wide sizes, the block component and its options."""
+
+    block: str = "gpt"
+    n_layers: int = attrs.field(default=4, validator=positive)
+    d_model: int = attrs.field(default=256, validator=positive)
+    n_heads: int = attrs.field(default=4, validator=positive)
+    d_ff: int = attrs.field(default=1024, validator=positive)
+    dropout: float = attrs.field(default=0.1, validator=in_range(0, 1, high_open=True))
+    context_length: int = attrs.field(default=256, validator=positive)
+    #: share the token embedding matrix with the output head
+    tie_embeddings: bool = False
+    options: Any = None
+    #: the registered component the name resolved to (filled in by resolution)
+    component: Component | None = attrs.field(default=None, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise OptionValueError(
+                "n_heads", f"must divide d_model={self.d_model}, got {self.n_heads}"
+            )
+
+
+@attrs.define(frozen=True)
+class OptimizerSection:
+    """``[optimizer]``: the optimizer component, the base learning rate, and its options."""
+
+    name: str = "adamw"
+    learning_rate: float = attrs.field(default=3e-4, validator=positive)
+    options: Any = None
+    #: the registered component the name resolved to (filled in by resolution)
+    component: Component | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.define(frozen=True)
+class ScheduleSection:
+    """``[schedule]``: the learning-rate schedule component and its options."""
+
+    name: str = "constant"
+    options: Any = None
+    #: the registered component the name resolved to (filled in by resolution)
+    component: Component | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.define(frozen=True)
+class TrainingSection:
+    """``[training]``: the loop's sizes and intervals (0 turns an interval off)."""
+
+    batch_size: int = attrs.field(default=16, validator=positive)
+    #: micro-batches per optimizer step: the effective batch is batch_size x this
+    grad_accum_steps: int = attrs.field(default=1, validator=positive)
+    max_steps: int = attrs.field(default=2000, validator=positive)
+    eval_every: int = attrs.field(default=200, validator=non_negative)
+    eval_batches: int = attrs.field(default=20, validator=positive)
+    checkpoint_every: int = attrs.field(default=200, validator=non_negative)
+    keep_checkpoints: int = attrs.field(default=3, validator=positive)
+    log_every: int = attrs.field(default=10, validator=positive)
+    #: a NaN/Inf loss or gradient: "stop" the run there, or "skip" that step's update
+    on_nonfinite: str = attrs.field(default="stop", validator=one_of(("stop", "skip")))
+    #: autocast precision of forward passes (fp16 only on CUDA, with a gradient scaler)
+    precision: str = attrs.field(default="fp32", validator=one_of(("fp32", "bf16", "fp16")))
+    #: torch.compile the model (falls back with a warning where compiling fails)
+    compile: bool = False
+    device: str = attrs.field(default="auto", validator=one_of(("auto", "cpu", "cuda", "mps")))
+
+
+@attrs.define(frozen=True)
+class SamplingSection:
+    """``[sampling]``: periodic samples during training (``every = 0``: none)."""
+
+    every: int = attrs.field(default=200, validator=non_negative)
+    max_new_tokens: int = attrs.field(default=200, validator=positive)
+    temperature: float = attrs.field(default=1.0, validator=positive)
+    #: sample only among the k most likely tokens (0: no limit)
+    top_k: int = attrs.field(default=0, validator=non_negative)
+    #: nucleus sampling: the most likely tokens covering this probability (1.0: no limit)
+    top_p: float = attrs.field(default=1.0, validator=in_range(0, 1, low_open=True))
+    prompt: str = "\n"
+
+
+@attrs.define(frozen=True)
+class ForwardHookSection:
+    """One ``[[forward_hooks]]`` table: the hook, where it looks, how often, its options."""
+
+    name: str
+    enabled: bool = True
+    #: globs of hook points to watch; empty: the hook's own default points
+    points: list[str] = attrs.Factory(list)
+    every: int = attrs.field(default=1, validator=positive)
+    options: Any = None
+    #: the registered component the name resolved to (filled in by resolution)
+    component: Component | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.define(frozen=True)
+class UpdateHookSection:
+    """One ``[[update_hooks]]`` table: the gradient transform and its options."""
+
+    name: str
+    enabled: bool = True
+    options: Any = None
+    #: the registered component the name resolved to (filled in by resolution)
+    component: Component | None = attrs.field(default=None, eq=False, repr=False)
+
+
+#: the tables of one section each, in the order experiment files and dumps show them
+SECTION_TABLES: tuple[str, ...] = (
+    "experiment",
+    "plugins",
+    "data",
+    "tokenizer",
+    "model",
+    "optimizer",
+    "schedule",
+    "training",
+    "sampling",
+)
+
+
+@attrs.define(frozen=True)
+class Experiment:
+    """A resolved experiment: every table with defaults filled in and options structured."""
+
+    experiment: ExperimentSection
+    plugins: PluginsSection
+    data: DataSection
+    tokenizer: TokenizerSection
+    model: ModelSection
+    optimizer: OptimizerSection
+    schedule: ScheduleSection
+    training: TrainingSection
+    sampling: SamplingSection
+    #: arrays of tables by name (``forward_hooks``, ``update_hooks``...), in kind order
+    arrays: Mapping[str, tuple[Any, ...]] = attrs.field(factory=dict)
+    #: the participating plugins, in order (built-ins minus disabled, plus enabled)
+    participants: tuple[str, ...] = attrs.field(default=(), eq=False)
+    #: where the experiment came from (a file name), for error messages
+    source: str = attrs.field(default="<experiment>", eq=False)
+
+    @property
+    def forward_hooks(self) -> tuple[ForwardHookSection, ...]:
+        """The ``[[forward_hooks]]`` tables, in order."""
+        return self.arrays.get("forward_hooks", ())
+
+    @property
+    def update_hooks(self) -> tuple[UpdateHookSection, ...]:
+        """The ``[[update_hooks]]`` tables, in order."""
+        return self.arrays.get("update_hooks", ())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical nested dict: kernel keys and component options side by side."""
+        out: dict[str, Any] = {t: unstructure_section(getattr(self, t)) for t in SECTION_TABLES}
+        for table, entries in self.arrays.items():
+            out[table] = [unstructure_section(entry) for entry in entries]
+        return out
+
+    def to_toml(self) -> str:
+        """The resolved experiment as TOML (what the run folder's experiment.toml holds)."""
+        data = {k: v for k, v in self.to_dict().items() if v != []}  # no empty arrays
+        return tomli_w.dumps(data)
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the canonical resolved experiment (sorted JSON)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
