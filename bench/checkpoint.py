@@ -4,7 +4,7 @@ A real :class:`slmkit.train.Trainer` of ``experiments/baseline.toml`` takes one 
 step (so the AdamW state exists, as in any checkpoint a run writes), then each repeat
 times, in this order:
 
-* ``Trainer.checkpoint_payload`` (state dicts, RNG states, environment);
+* ``TrainState.payload`` (state dicts, RNG states, environment);
 * ``slmkit.checkpoint.digest`` of it: the sha256 over every tensor byte that
   ``atomic_save`` adds and ``load`` verifies;
 * ``torch.save`` into memory (serialisation alone, no disk);
@@ -102,11 +102,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         settings = " ".join(f"--set {o}" for o in overrides)
         print(f"{EXPERIMENT} {settings}; device {trainer.device}; files in {folder}")
         print(
-            f"model: {trainer.model.n_params:,} parameters, after {trainer.step} step(s) "
+            f"model: {trainer.model.n_params:,} parameters, after {trainer.state.step} step(s) "
             f"(AdamW state present); {repeats} repeat(s)"
         )
         for i in range(repeats):
-            seconds, payload = timed(trainer.checkpoint_payload, run.run_id)
+            seconds, payload = timed(trainer.state.payload, run.run_id)
             times["payload"].append(seconds)
             times["digest"].append(timed(checkpoint.digest, payload)[0])
             times["serialise"].append(timed(torch.save, payload, io.BytesIO())[0])
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ms = {k: spread([1e3 * s for s in v]) for k, v in times.items()}
     mb = size / 1e6
     labels = {
-        "payload": "Trainer.checkpoint_payload",
+        "payload": "TrainState.payload",
         "digest": "checkpoint.digest (sha256 of the contents)",
         "serialise": "torch.save into memory",
         "atomic_save": "checkpoint.atomic_save (digest + torch.save + fsync + rename)",
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "overrides": overrides,
             "device": str(trainer.device),
             "n_params": trainer.model.n_params,
-            "step": trainer.step,
+            "step": trainer.state.step,
             "repeats": repeats,
             "dir": args.dir or tempfile.gettempdir(),
             "quick": args.quick,

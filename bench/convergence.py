@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from slmkit.experiment import load_experiment
+    from slmkit.config.resolve import load_experiment
     from slmkit.plugins import PluginManager
     from slmkit.progress import Console
     from slmkit.runlog import read_events
@@ -100,12 +100,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "context_length": m.context_length,
         "learning_rate": exp.optimizer.learning_rate,
         "n_params": trainer.model.n_params,
-        "train_tokens": len(trainer.splits.train),
-        "val_tokens": len(trainer.splits.val),
-        "eval_tokens": sum(y.numel() for _, y in trainer.val_batches),
+        "train_tokens": len(trainer.data.splits.train),
+        "val_tokens": len(trainer.data.splits.val),
+        "eval_tokens": sum(y.numel() for _, y in trainer.data.val_batches),
         "torch_threads": torch.get_num_threads(),
     }
-    epochs = t.max_steps * t.batch_size / trainer.stream.n_windows
+    epochs = t.max_steps * t.batch_size / trainer.data.stream.n_windows
 
     print()
     print(

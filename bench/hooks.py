@@ -8,7 +8,7 @@ folders in a temporary directory, so hook metrics go to a real ``log.jsonl``):
   ``blocks.*.hook_resid_post`` (every block) with ``every = 1``: watched every step;
 * ``disabled``: the same table with ``enabled = false``.
 
-Each timed step is the trainer's own ``_set_lr`` + ``_train_step``. The configurations
+Each timed step is the trainer's own ``Stepper.set_lr`` + ``Stepper.step``. The configurations
 are interleaved (a block of steps of each per round, rotating which goes first: ABC,
 BCA, CAB...) so load drift on the machine cancels; the overhead of a round is its median
 step time over that of ``no hooks`` in the same round, minus one (in wall and in process
@@ -61,9 +61,9 @@ def hook_table(enabled: bool) -> dict[str, Any]:
 def direct_cost(contender: Contender, repeats: int) -> list[float]:
     """Wall seconds of one step's hook work, timed alone, on real activations.
 
-    Everything ``activation_stats`` adds to a step: ``ForwardHooks.begin`` (attach), each
-    watched point calling its observer (``observe``: the statistics), and the trainer's
-    ``_log_forward_hooks`` (detach, ``flush`` with its one device read, the log event).
+    Everything ``activation_stats`` adds to a step, through ``ForwardHooks.watching`` as
+    the trainer uses it: attach, each watched point calling its observer (``observe``: the
+    statistics), then detach, ``flush`` with its one device read, and the log event.
     The activations come from one forward pass of a validation batch (training shape).
     """
     import torch
@@ -74,18 +74,17 @@ def direct_cost(contender: Contender, repeats: int) -> list[float]:
     captured: dict[str, torch.Tensor] = {}
     for name in names:
         points[name].observers.append(lambda point, x: captured.__setitem__(point, x.clone()))
-    x, _ = trainer.val_batches[0]
+    x, _ = trainer.data.val_batches[0]
     with torch.no_grad():
         trainer.model(x.to(trainer.device))
     hooks.detach()
     seconds = []
     for i in range(repeats):
-        step = trainer.step + 1 + i
+        step = trainer.state.step + 1 + i
         started = time.perf_counter()
-        active = hooks.begin("train", step)
-        for name in names:
-            points[name](captured[name])  # what the block's hook point does mid-forward
-        trainer._log_forward_hooks(contender.run, step, "train", active)
+        with hooks.watching(contender.run, "train", step):
+            for name in names:
+                points[name](captured[name])  # what the block's hook point does mid-forward
         sync(trainer.device)
         seconds.append(time.perf_counter() - started)
     return seconds
@@ -165,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "tokens_per_s": spread([tokens_per_step / s for s in times]),
             "round_medians_ms": [1e3 * s for s in per_round[c.label]],
             "forward_hook_events_logged": logged[c.label],
-            "steps_total": c.trainer.step,
+            "steps_total": c.trainer.state.step,
         }
         if c.label != "no hooks":
             for key, rounds in (("", per_round), ("_cpu", per_round_cpu)):

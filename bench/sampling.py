@@ -48,14 +48,14 @@ def build_reference_model(seed: int = 0) -> Any:
     the reference configuration. Warns if its shape is no longer the reference shape.
     """
     from slmkit.build import build_model, build_tokenizer
-    from slmkit.experiment import load_experiment
+    from slmkit.config.resolve import load_experiment
     from slmkit.plugins import PluginManager
 
     manager = PluginManager().load()
     exp = load_experiment(ROOT / "experiments" / "baseline.toml", manager)
-    tokenizer = build_tokenizer(exp, manager)
+    tokenizer = build_tokenizer(exp)
     torch.manual_seed(seed)
-    model = build_model(exp, manager, tokenizer)
+    model = build_model(exp, tokenizer)
     shape = {k: getattr(model.dims, k) for k in REFERENCE_SHAPE}
     if shape != REFERENCE_SHAPE:
         print(f"warning: baseline.toml's shape {shape} is not the reference {REFERENCE_SHAPE}")

@@ -3,7 +3,7 @@
 ``experiments/baseline.toml`` (4 layers, d_model 256, 4 heads, d_ff 1024, context 256,
 batch 16, the char tokenizer's 99 tokens) is loaded with ``load_experiment`` and built
 into real :class:`slmkit.train.Trainer` objects (run folders in a temporary directory);
-every timed step is the trainer's own ``_set_lr`` + ``_train_step``, so the figures
+every timed step is the trainer's own ``Stepper.set_lr`` + ``Stepper.step``, so the figures
 measure slmkit's code path, not a replica of it. Configurations:
 
 * ``fp32``: the baseline as it is;
@@ -149,7 +149,8 @@ def build_trainer(
     ``{"forward_hooks": [...]}``) the parsed file, overridden, gets them added and goes
     through ``experiment_from_dict``, the same validation.
     """
-    from slmkit.experiment import apply_overrides, experiment_from_dict, load_experiment, read_toml
+    from slmkit.config.reading import apply_overrides, read_toml
+    from slmkit.config.resolve import experiment_from_dict, load_experiment
     from slmkit.plugins import PluginManager
     from slmkit.progress import Console
     from slmkit.train import Trainer
@@ -178,7 +179,7 @@ class Contender:
         from slmkit import checkpoint
 
         self.label, self.trainer = label, trainer
-        self.run = trainer._open_run()  # the real run folder and log.jsonl (in a temp dir)
+        self.run = trainer.open_run()  # the real run folder and log.jsonl (in a temp dir)
         trainer.model.train()
         self.rng = checkpoint.rng_state()
         self.times: list[float] = []  # every step timed, warm-up included
@@ -197,15 +198,15 @@ class Contender:
         times = []
         try:
             for _ in range(n):
-                step = t.step + 1
+                step = t.state.step + 1
                 log_now = step % t.exp.training.log_every == 0
                 cpu, started = time.process_time(), time.perf_counter()
-                t._set_lr(t.step)
-                t._train_step(self.run, step, log_now)
+                t.stepper.set_lr(t.state.step)
+                t.stepper.step(self.run, step, log_now)
                 sync(t.device)
                 times.append(time.perf_counter() - started)
                 self.cpu_times.append(time.process_time() - cpu)
-                t.step = step
+                t.state.step = step
         finally:
             self.rng = checkpoint.rng_state()
         self.times += times
@@ -357,9 +358,9 @@ def labelled_phases(trainer: Any) -> Iterator[None]:
         setattr(obj, attr, wrap(getattr(obj, attr), label))
         patched.append((obj, attr))
 
-    patch(trainer.stream, "next_batch", "slmkit::data")
-    patch(trainer, "_forward", "slmkit::forward")
-    patch(trainer, "_finite", "slmkit::finite_check")
+    patch(trainer.data.stream, "next_batch", "slmkit::data")
+    patch(trainer.stepper, "_forward", "slmkit::forward")
+    patch(trainer.stepper, "_finite", "slmkit::finite_check")
     patch(trainer.optimizer, "step", "slmkit::optimizer")
     patch(trainer.optimizer, "zero_grad", "slmkit::optimizer")
     if trainer.forward_hooks is not None:
@@ -475,7 +476,7 @@ def try_compile(
         )
         contender = Contender("fp32 + compile", trainer)
         first = contender.steps(1)[0]  # compiles forward and backward
-        if trainer.compiled is None:  # the trainer fell back to eager
+        if trainer.stepper.compiled is None:  # the trainer fell back to eager
             message = said.getvalue().strip().splitlines() or ["the trainer fell back"]
             raise RuntimeError(message[-1].removeprefix("warning: "))
         contender.steps(max(0, warmup - 1))
@@ -489,13 +490,14 @@ def try_compile(
 
 def evaluate_all(trainer: Any) -> dict[str, float]:
     """Validation loss as the trainer logs it (under its autocast) and in plain fp32."""
-    from slmkit.train import evaluate
+    from slmkit.evaluate import evaluate
 
-    with trainer._autocast():
-        logged = evaluate(trainer.model, trainer.val_batches, trainer.device)
+    with trainer.stepper.precision.autocast():
+        logged = evaluate(trainer.model, trainer.data.val_batches, trainer.device)
     out = {"val_loss": logged}
-    if trainer.autocast_dtype is not None:
-        out["val_loss_fp32_eval"] = evaluate(trainer.model, trainer.val_batches, trainer.device)
+    if trainer.stepper.precision.dtype is not None:
+        batches = trainer.data.val_batches
+        out["val_loss_fp32_eval"] = evaluate(trainer.model, batches, trainer.device)
     return out
 
 
@@ -720,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{val['bf16']['val_loss_fp32_eval'] - val['fp32']['val_loss']:+.4f}",
         ],
     ]
-    n_val = sum(y.numel() for _, y in fp32.val_batches)
+    n_val = sum(y.numel() for _, y in fp32.data.val_batches)
     print(
         table(
             [

@@ -56,7 +56,7 @@ if TYPE_CHECKING:
         UpdateHook,
         UpdateHookFactory,
     )
-    from slmkit.dropout import Dropout, dropout
+    from slmkit.dropout_mask import Dropout, dropout
     from slmkit.hookpoint import HookPoint
     from slmkit.run import Run
 
@@ -91,8 +91,8 @@ _LAZY: dict[str, str] = {
     ),
     "causal_mask": "slmkit.blocks",
     "init_gpt2_weights": "slmkit.blocks",
-    "Dropout": "slmkit.dropout",
-    "dropout": "slmkit.dropout",
+    "Dropout": "slmkit.dropout_mask",
+    "dropout": "slmkit.dropout_mask",
     "HookPoint": "slmkit.hookpoint",
     "Run": "slmkit.run",
 }

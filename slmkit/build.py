@@ -1,57 +1,54 @@
-"""Turning a resolved experiment into live components: tokenizer, corpus, model, optimizer.
+"""Turning a resolved experiment into live parts: tokenizer, data, model, optimizer, hooks.
 
-Every factory is looked up in the plugin registry among the run's participating plugins;
-nothing here knows a concrete component.
+Every section that picks a component carries the registry entry resolution found
+(``section.component``), so nothing here looks a component up again or knows a concrete
+one. An option error a factory raises becomes one line naming the file and the key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
 
+from slmkit import checkpoint
 from slmkit.components import ModelDims, Schedule, Tokenizer
+from slmkit.config.resolve import experiment_from_dict
+from slmkit.config.schema import Experiment
+from slmkit.data import (
+    BatchStream,
+    Splits,
+    prepare_splits,
+    rank_share,
+    read_corpus,
+    validation_batches,
+)
 from slmkit.errors import ConfigError, DataError
-from slmkit.experiment import Experiment
+from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
 from slmkit.options import OptionValueError
 from slmkit.plugins import PluginManager
 
 
-def _factory(manager: PluginManager, exp: Experiment, kind: str, name: str, table: str) -> Any:
-    """The component's factory; an option error it raises names the file and ``table``."""
-    factory = manager.component(kind, name, exp.participants).factory
+def construct(exp: Experiment, section: Any, table: str, *args: Any) -> Any:
+    """Call the factory of ``section``'s component with its options and ``args``.
 
-    def build(*args: Any) -> Any:
-        try:
-            return factory(*args)
-        except OptionValueError as exc:
-            raise ConfigError(exp.source, f"{table}.{exc.key}", exc.message) from None
-
-    return build
-
-
-def build_tokenizer(exp: Experiment, manager: PluginManager) -> Tokenizer:
-    """A fresh (untrained) tokenizer."""
-    make = _factory(manager, exp, "tokenizer", exp.tokenizer.name, "tokenizer")
-    return make(exp.tokenizer.options)
-
-
-def read_experiment_corpus(exp: Experiment, manager: PluginManager) -> str:
-    """The corpus text; corpus problems become errors naming the file and the data key."""
-    from slmkit.data import read_corpus
-
+    An :class:`OptionValueError` it raises names the file and ``table.<key>``.
+    """
+    assert section.component is not None, "build only resolved experiments"
     try:
-        corpus = _factory(manager, exp, "corpus", exp.data.corpus, "data")(exp.data.options)
-        return read_corpus(corpus)
-    except OptionValueError as exc:  # raised while reading, by texts()
-        raise ConfigError(exp.source, f"data.{exc.key}", exc.message) from None
-    except DataError as exc:
-        raise ConfigError(exp.source, "data", str(exc)) from None
-    except OSError as exc:
-        raise ConfigError(exp.source, "data", f"cannot read the corpus: {exc}") from None
+        return section.component.factory(section.options, *args)
+    except OptionValueError as exc:
+        raise ConfigError(exp.source, f"{table}.{exc.key}", exc.message) from None
+
+
+def build_tokenizer(exp: Experiment) -> Tokenizer:
+    """A fresh (untrained) tokenizer."""
+    tokenizer: Tokenizer = construct(exp, exp.tokenizer, "tokenizer")
+    return tokenizer
 
 
 def model_dims(exp: Experiment, vocab_size: int) -> ModelDims:
@@ -68,34 +65,152 @@ def model_dims(exp: Experiment, vocab_size: int) -> ModelDims:
     )
 
 
-def build_model(exp: Experiment, manager: PluginManager, tokenizer: Tokenizer) -> LanguageModel:
+def build_model(exp: Experiment, tokenizer: Tokenizer) -> LanguageModel:
     """The model, initialised from the current torch RNG state (seed before calling)."""
     dims = model_dims(exp, tokenizer.vocab_size)
-    make = _factory(manager, exp, "block", exp.model.block, "model")
-    block = manager.component("block", exp.model.block, exp.participants)
+    assert exp.model.component is not None
     model = LanguageModel(
         dims,
-        lambda layer: make(dims, exp.model.options, layer),
+        lambda layer: construct(exp, exp.model, "model", dims, layer),
         pad_id=tokenizer.pad_id,
-        learned_positions=getattr(block.factory, "learned_positions", True),
+        learned_positions=getattr(exp.model.component.factory, "learned_positions", True),
     )
     if exp.model.tie_embeddings:
         model.tie_embeddings()
     return model
 
 
-def build_optimizer(
-    exp: Experiment, manager: PluginManager, model: LanguageModel
-) -> torch.optim.Optimizer:
+def build_optimizer(exp: Experiment, model: LanguageModel) -> torch.optim.Optimizer:
     """The optimizer over the model's decay / no-decay groups."""
-    make = _factory(manager, exp, "optimizer", exp.optimizer.name, "optimizer")
-    return make(model.param_groups(exp.optimizer.learning_rate), exp.optimizer.options)
+    groups = model.param_groups(exp.optimizer.learning_rate)
+    optimizer: torch.optim.Optimizer = construct(exp, exp.optimizer, "optimizer", groups)
+    return optimizer
 
 
-def build_schedule(exp: Experiment, manager: PluginManager) -> Schedule:
+def build_schedule(exp: Experiment) -> Schedule:
     """The learning-rate schedule for ``training.max_steps`` steps."""
-    make = _factory(manager, exp, "schedule", exp.schedule.name, "schedule")
-    return make(exp.schedule.options, exp.training.max_steps)
+    schedule: Schedule = construct(exp, exp.schedule, "schedule", exp.training.max_steps)
+    return schedule
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+@attrs.define
+class Data:
+    """The encoded corpus of a run, and how it is served to the model."""
+
+    splits: Splits
+    #: this rank's endless training batches
+    stream: BatchStream
+    #: the fixed validation set: ``eval_batches`` global batches
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    #: this rank's part of each validation batch
+    val_share: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_experiment_corpus(exp: Experiment) -> str:
+    """The corpus text; corpus problems become errors naming the file and the data key."""
+    try:
+        return read_corpus(construct(exp, exp.data, "data"))
+    except OptionValueError as exc:  # raised while reading, by texts()
+        raise ConfigError(exp.source, f"data.{exc.key}", exc.message) from None
+    except DataError as exc:
+        raise ConfigError(exp.source, "data", str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(exp.source, "data", f"cannot read the corpus: {exc}") from None
+
+
+def build_data(
+    exp: Experiment,
+    tokenizer: Tokenizer,
+    *,
+    train_tokenizer: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Data:
+    """Read the corpus, split it, train the tokenizer (unless told not to), batch it.
+
+    A batch holds ``batch_size`` windows per rank, so the global batch (and the validation
+    set) depends on ``world_size``; rank ``rank`` trains on its own slice of each.
+    """
+    text = read_experiment_corpus(exp)
+    t, context = exp.training, exp.model.context_length
+    try:
+        splits = prepare_splits(
+            text, tokenizer, exp.data.val_fraction, context, train_tokenizer=train_tokenizer
+        )
+    except DataError as exc:
+        raise ConfigError(exp.source, "data", str(exc)) from None
+    stream = BatchStream(
+        splits.train, context, t.batch_size, exp.experiment.seed, rank=rank, world_size=world_size
+    )
+    val_batches = validation_batches(splits.val, context, t.batch_size * world_size, t.eval_batches)
+    _check_ranks_fit(exp, stream.n_windows, len(splits.val) // (context + 1), world_size)
+    return Data(splits, stream, val_batches, rank_share(val_batches, rank, world_size))
+
+
+def _check_ranks_fit(exp: Experiment, n_train: int, n_val: int, ranks: int) -> None:
+    """Under torchrun: a global batch of distinct windows, validation for every rank."""
+    if ranks == 1:
+        return
+    batch, window = exp.training.batch_size, exp.model.context_length + 1
+    if n_train < batch * ranks:
+        raise ConfigError(
+            exp.source, "training.batch_size",
+            f"{batch} windows per rank x {ranks} ranks = {batch * ranks} "
+            f"windows per global batch, but the training split has only {n_train} windows "
+            f"of {window} tokens; use fewer ranks, a smaller batch_size or a larger corpus",
+        )  # fmt: skip
+    if n_val < ranks:
+        raise ConfigError(
+            exp.source, "data.val_fraction",
+            f"the validation split has {n_val} window(s) of {window} tokens, fewer than "
+            f"the {ranks} ranks that share it; use fewer ranks, a larger val_fraction or "
+            "a larger corpus",
+        )  # fmt: skip
+
+
+# -- hooks ---------------------------------------------------------------------------------
+
+
+def _enabled(exp: Experiment, kind: str, table: str) -> Iterator[tuple[int, Any, EnabledHook]]:
+    """``(index, section, hook)`` of each enabled table of an array, built by its factory."""
+    for i, section in enumerate(exp.arrays.get(table, ())):
+        if not section.enabled:
+            continue  # left out entirely: nothing is built or attached
+        assert section.component is not None
+        hook = construct(exp, section, f"{table}.{i}")
+        every = getattr(section, "every", 1)
+        yield i, section, EnabledHook(kind, section.name, section.component.plugin, hook, every)
+
+
+def build_forward_hooks(exp: Experiment, model: LanguageModel) -> ForwardHooks | None:
+    """The enabled ``[[forward_hooks]]``, each with the hook points its globs select."""
+    names = list(model.hook_points)
+    hooks = []
+    for i, section, entry in _enabled(exp, "forward_hook", "forward_hooks"):
+        patterns = section.points or list(entry.hook.default_points)
+        for pattern, matched in select_points(names, patterns).items():
+            if not matched:
+                raise ConfigError(
+                    exp.source, f"forward_hooks.{i}.points",
+                    f"{pattern!r} matches no hook point of this model (docs/hooks.md "
+                    f"lists them; e.g. {', '.join(names[:3])}, ...)",
+                )  # fmt: skip
+            entry.points += [m for m in matched if m not in entry.points]
+        hooks.append(entry)
+    return ForwardHooks(hooks, model.hook_points) if hooks else None
+
+
+def build_update_hooks(exp: Experiment, model: LanguageModel) -> UpdateHooks | None:
+    """The enabled ``[[update_hooks]]``, in order, over the trainable parameters."""
+    hooks = [entry for _, _, entry in _enabled(exp, "update_hook", "update_hooks")]
+    parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return UpdateHooks(hooks, parameters) if hooks else None
+
+
+# -- devices and saved models --------------------------------------------------------------
 
 
 def resolve_device(name: str, source: str) -> torch.device:
@@ -128,17 +243,14 @@ class TrainedModel:
 
 def load_trained(path: str | Path, manager: PluginManager, device: str = "auto") -> TrainedModel:
     """Rebuild the model of a checkpoint (or a run folder's latest) in eval mode."""
-    from slmkit import checkpoint
-    from slmkit.experiment import experiment_from_dict
-
     ckpt_path = checkpoint.resolve(path)
     payload = checkpoint.load(ckpt_path)
     exp = experiment_from_dict(payload["experiment"], manager, source=f"{ckpt_path} (experiment)")
-    tokenizer = build_tokenizer(exp, manager)
+    tokenizer = build_tokenizer(exp)
     tokenizer.load_state_dict(payload["tokenizer"]["state"])
     target = resolve_device(device, str(ckpt_path))
     with torch.device("meta"):  # no initialisation work: the weights come from the file
-        model = build_model(exp, manager, tokenizer)
+        model = build_model(exp, tokenizer)
     model = model.to_empty(device=target)
     if exp.model.tie_embeddings:  # to_empty gives each module its own new tensor
         model.tie_embeddings()

@@ -20,22 +20,12 @@ import numpy as np
 import torch
 
 from slmkit.errors import CheckpointError
+from slmkit.rundir import atomic_file, fsync_dir
 
 FORMAT_VERSION = 1
 LATEST = "latest.pt"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 REQUIRED_KEYS = ("format", "step", "model", "experiment", "tokenizer")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported everywhere (e.g. Windows)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _feed(hasher: Any, value: Any) -> None:
@@ -69,22 +59,12 @@ def digest(payload: dict[str, Any]) -> str:
 def atomic_save(payload: dict[str, Any], path: Path) -> None:
     """Write ``payload`` (plus its checksum) so that a crash leaves the old or the new file.
 
-    Written to a temporary file in the same folder, flushed to disk, then renamed over
-    ``path`` (rename is atomic within one file system). On any error the temporary file
-    is removed and ``path`` is untouched.
+    Through :func:`slmkit.rundir.atomic_file`: on any error ``path`` is untouched.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = {**payload, "checksum": digest(payload)}
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
 def point_latest(step_file: Path) -> Path:
@@ -98,7 +78,7 @@ def point_latest(step_file: Path) -> Path:
     except OSError:  # file systems without hard links: copy instead
         tmp.unlink(missing_ok=True)
         atomic_save(torch.load(step_file, map_location="cpu", weights_only=True), latest)
-    _fsync_dir(latest.parent)
+    fsync_dir(latest.parent)
     return latest
 
 
@@ -181,12 +161,27 @@ def load_newest_good(path: str | Path) -> tuple[Path, dict[str, Any], list[str]]
     raise CheckpointError(f"{path}: no checkpoints in this folder")
 
 
+def kept_note(run_dir: Path) -> str:
+    """What a failed run left: ``the last checkpoint, <path>, is intact`` or that none was."""
+    latest = run_dir / "checkpoints" / LATEST
+    if latest.exists():
+        return f"the last checkpoint, {latest}, is intact"
+    return "no checkpoint had been written yet"
+
+
 def run_dir_of(checkpoint_path: Path) -> Path:
     """The run folder a checkpoint lives in (``<run>/checkpoints/<file>``)."""
     return checkpoint_path.resolve().parent.parent
 
 
 # -- random number generators ----------------------------------------------------------
+
+
+def seed_all(seed: int) -> None:
+    """Seed every RNG a run may draw from (see :func:`rng_state`)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def rng_state() -> dict[str, Any]:

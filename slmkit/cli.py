@@ -23,7 +23,7 @@ def _manager() -> PluginManager:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Train an experiment (or resume a run), or every run of a sweep."""
-    from slmkit.experiment import load_experiment
+    from slmkit.config.resolve import load_experiment
     from slmkit.train import Trainer
 
     manager = _manager()
@@ -43,9 +43,9 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
     """
     from pathlib import Path
 
+    from slmkit.config.resolve import load_experiment
     from slmkit.distributed import World
     from slmkit.errors import ConfigError, RunError
-    from slmkit.experiment import load_experiment
     from slmkit.runs import list_runs, runs_table
     from slmkit.sweep import grid, new_sweep_id, parse_sweeps
     from slmkit.train import Trainer
@@ -86,13 +86,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import torch
 
     from slmkit.build import build_model, build_tokenizer
-    from slmkit.experiment import load_experiment
+    from slmkit.config.resolve import load_experiment
 
     manager = _manager()
     exp = load_experiment(args.experiment, manager, args.set)
-    tokenizer = build_tokenizer(exp, manager)
+    tokenizer = build_tokenizer(exp)
     with torch.device("meta"):  # sizes only: no memory, no initialisation cost
-        model = build_model(exp, manager, tokenizer)
+        model = build_model(exp, tokenizer)
     print(f"# {args.experiment}: valid")
     print(f"# config_hash {exp.config_hash}")
     print(f"# plugins: {', '.join(exp.participants)}")
@@ -130,7 +130,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     """Generate text from a saved model."""
     from slmkit.build import load_trained
-    from slmkit.train import sample_text
+    from slmkit.evaluate import sample_text
 
     trained = load_trained(args.run, _manager(), args.device)
     text = sample_text(
@@ -151,26 +151,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Recompute the validation loss of a saved model."""
-    from slmkit.build import load_trained, read_experiment_corpus
-    from slmkit.data import prepare_splits, validation_batches
-    from slmkit.errors import ConfigError, DataError
-    from slmkit.train import bits_per_char, evaluate
+    from slmkit.build import build_data, load_trained
+    from slmkit.evaluate import bits_per_char, evaluate
 
-    manager = _manager()
-    trained = load_trained(args.run, manager, args.device)
-    exp, tokenizer = trained.experiment, trained.tokenizer
-    source = f"{args.run} (experiment)"
-    text = read_experiment_corpus(exp, manager)
-    try:
-        splits = prepare_splits(
-            text, tokenizer, exp.data.val_fraction, exp.model.context_length, train_tokenizer=False
-        )
-    except DataError as exc:
-        raise ConfigError(source, "data", str(exc)) from None
-    batch_size = exp.training.batch_size * trained.world_size  # the run's global batch
-    batches = validation_batches(
-        splits.val, exp.model.context_length, batch_size, exp.training.eval_batches
+    trained = load_trained(args.run, _manager(), args.device)
+    # the run's validation set: eval_batches global batches of the ranks that trained it
+    data = build_data(
+        trained.experiment, trained.tokenizer, train_tokenizer=False, world_size=trained.world_size
     )
+    batches, splits = data.val_batches, data.splits
     val_loss = evaluate(trained.model, batches, trained.device)
     result = {
         "step": trained.step,

@@ -15,8 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from slmkit.config.diff import changed_keys
 from slmkit.errors import SlmkitError
-from slmkit.experiment import changed_keys
+from slmkit.rundir import write_atomic
 from slmkit.runs import RunRecord, format_value, lookup, table_rows
 from slmkit.table import format_table
 
@@ -163,14 +164,11 @@ def report_html(records: Sequence[RunRecord], png: bytes) -> str:
 """
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so a failure leaves no half file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write(path: Path, data: bytes) -> None:
+    """Write an output atomically; a failure is one line naming the file."""
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_atomic(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SlmkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
@@ -186,10 +184,10 @@ def write_outputs(
     picture = loss_curves_png(records)
     written = []
     if png is not None:
-        write_atomic(png, picture)
+        _write(png, picture)
         written.append(png)
     if report is not None:
-        write_atomic(report, report_html(records, picture).encode("utf-8"))
+        _write(report, report_html(records, picture).encode("utf-8"))
         written.append(report)
     return written
 

@@ -56,13 +56,6 @@ def is_lost_peer(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or bool(_LOST_PEER.search(str(exc)))
 
 
-def first_line(exc: BaseException) -> str:
-    """The gist of a backend error, on one line (gloo prefixes its source location)."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # "[.../pair.cc:545] Read error ..."
-    return text.split(". ")[0][:200]
-
-
 class World:
     """The ranks of a run and this process's place among them.
 

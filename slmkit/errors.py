@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class SlmkitError(Exception):
     """An error the user can fix; the CLI prints it as one line and exits non-zero.
@@ -59,3 +61,13 @@ class HookFailure(Exception):
     def __init__(self, what: str, plugin: str, cause: BaseException) -> None:
         self.what, self.plugin, self.cause = what, plugin, cause
         super().__init__(f"{what} (plugin {plugin!r}) failed: {type(cause).__name__}: {cause}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The gist of an exception on one line: its first sentence, without a source prefix.
+
+    (gloo prefixes its messages with a source location; torch.compile errors run long.)
+    """
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # "[.../pair.cc:545] Read error ..."
+    return text.split(". ")[0][:200]

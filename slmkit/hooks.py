@@ -1,24 +1,26 @@
 """Forward hooks and update hooks: how the kernel attaches and calls them.
 
-Hook points are identity modules placed in the model (``hook_embed``,
-``blocks.0.hook_resid_post``...); their module path is their name. A forward hook observes
-the activations flowing through the points it selects by glob. With no hook attached a
-point costs one attribute check: :class:`HookPoint` bypasses ``nn.Module.__call__``.
-
-Update hooks transform ``p.grad`` in place after backward and before the optimizer step, in
-the order the experiment lists them.
+A forward hook observes the activations flowing through the hook points
+(:mod:`slmkit.hookpoint`) it selects by glob, on the passes it asks for. Update hooks
+transform ``p.grad`` in place after backward and before the optimizer step, in the order
+the experiment lists them. Either may fail: the exception becomes a :class:`HookFailure`
+naming the plugin and the hook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from slmkit.errors import HookFailure
+from slmkit.hookpoint import HookPoint, Observer
+from slmkit.run import Run
+
 
 def select_points(points: Sequence[str], patterns: Sequence[str]) -> dict[str, list[str]]:
     """``{pattern: [matching points]}``; ``*`` matches across dots (``blocks.*.hook_q``)."""
@@ -57,7 +59,7 @@ class EnabledHook:
         except Exception as exc:
             raise HookFailure(f"{self.label}.{method}", self.plugin, exc) from exc
 
-    def start(self, run: Any) -> None:
+    def start(self, run: Run) -> None:
         """Call the hook's optional ``start(run)``."""
         if hasattr(self.hook, "start"):
             self.call("start", run)
@@ -68,6 +70,22 @@ class ForwardHooks:
 
     def __init__(self, hooks: list[EnabledHook], points: dict[str, HookPoint]) -> None:
         self.hooks, self.points = hooks, points
+
+    @contextlib.contextmanager
+    def watching(self, run: Run, phase: str, step: int) -> Iterator[None]:
+        """Observe the pass run inside the ``with`` block, then log each hook's metrics.
+
+        The observers are removed when the block ends, also when it raises, so the model
+        is left clean for whoever holds it; metrics are flushed and logged (as
+        ``forward_hook`` events) only after a pass that completed.
+        """
+        active = self.begin(phase, step)
+        try:
+            yield
+        finally:
+            self.detach()
+        for entry, metrics in self.end(phase, step, active):
+            run.log("forward_hook", step=step, name=entry.name, phase=phase, metrics=metrics)
 
     def begin(self, phase: str, step: int) -> list[EnabledHook]:
         """Attach the hooks that observe this pass; return them."""

@@ -52,11 +52,12 @@ def register_tokenizers(register: Register) -> None:
 def register_blocks(register: Register) -> None:
     """Register transformer block components.
 
-    Called once at start-up. ``factory(dims, options, layer)`` returns an ``nn.Module``
-    following :class:`~slmkit.components.Block`: ``dims`` is the model's
-    :class:`~slmkit.components.ModelDims`, ``layer`` the block's index from 0. A factory
-    with the attribute ``learned_positions = False`` (e.g. a block using rotary embeddings,
-    which reads ``ctx.positions``) gets a model without the learned position table.
+    Called once at start-up. ``factory(options, dims, layer)`` returns an ``nn.Module``
+    following :class:`slmkit.Block` (see :class:`slmkit.BlockFactory`): ``options`` is
+    the block's options instance, ``dims`` the model's :class:`slmkit.ModelDims`,
+    ``layer`` the block's index from 0. A factory with the attribute
+    ``learned_positions = False`` (e.g. a block using rotary embeddings, which reads
+    ``ctx.positions``) gets a model without the learned position table.
     The experiment picks one with ``[model] block = "..."``.
     """
 
@@ -65,11 +66,13 @@ def register_blocks(register: Register) -> None:
 def register_optimizers(register: Register) -> None:
     """Register optimizer components.
 
-    Called once at start-up. ``factory(param_groups, options)`` returns a
-    ``torch.optim.Optimizer``. ``param_groups`` is a list of dicts, each with ``params``,
-    ``lr`` (the experiment's ``optimizer.learning_rate``) and ``decay`` (True for weight
-    matrices, False for biases, norms and embeddings); the optimizer decides what ``decay``
-    means for it. The experiment picks one with ``[optimizer] name = "..."``.
+    Called once at start-up. ``factory(options, param_groups)`` returns a
+    ``torch.optim.Optimizer`` (see :class:`slmkit.OptimizerFactory`). ``param_groups`` is a
+    list of dicts, each with ``params``, ``lr`` (the experiment's
+    ``optimizer.learning_rate``) and ``decay`` (True for weight matrices, False for biases,
+    norms and embeddings); the optimizer decides what ``decay`` means for it
+    (:func:`slmkit.weight_decay_groups` maps it to torch's ``weight_decay``). The
+    experiment picks one with ``[optimizer] name = "..."``.
     """
 
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.components import BlockContext, KVCache, ModelDims
-from slmkit.dropout import Dropout
-from slmkit.hooks import HookPoint, name_hook_points
+from slmkit.dropout_mask import Dropout
+from slmkit.hookpoint import HookPoint, name_hook_points
 
 IGNORE_INDEX = -100
 

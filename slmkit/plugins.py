@@ -21,8 +21,8 @@ import pluggy
 
 from slmkit import hookspecs
 from slmkit.errors import HookFailure, PluginError
-from slmkit.options import NoOptions
 from slmkit.kinds import KINDS, Kind
+from slmkit.options import NoOptions
 from slmkit.registry import Component, Registry
 
 #: built-in plugins, as dotted module paths, registered like any other plugin
@@ -40,6 +40,27 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 ENTRY_POINT_GROUP = "slmkit"
 #: comma-separated plugin distributions to load from entry points (empty: none)
 LOAD_PLUGINS_ENV = "SLMKIT_LOAD_PLUGINS"
+
+
+#: the run-event hooks, in the order a run calls them
+RUN_EVENTS = ("on_run_start", "on_step_end", "on_eval", "on_checkpoint", "on_run_end")
+
+
+class RunEvents:
+    """The run-event hooks of a run, called by name: ``events("on_eval", run=run, ...)``.
+
+    ``RunEvents()`` calls nobody: what ranks other than 0 hold under torchrun (rank 0
+    calls the run events, once for the whole run).
+    """
+
+    def __init__(self, callers: dict[str, Callable[..., None]] | None = None) -> None:
+        self._callers = callers or {}
+
+    def __call__(self, event: str, **kwargs: Any) -> None:
+        """Call every participant's implementation of ``event`` with ``kwargs``."""
+        caller = self._callers.get(event)
+        if caller is not None:
+            caller(**kwargs)
 
 
 @attrs.define
@@ -315,6 +336,10 @@ class PluginManager:
                     raise HookFailure(f"run event {hook_name}", impl.plugin_name, exc) from exc
 
         return call
+
+    def run_events(self, participants: Collection[str]) -> RunEvents:
+        """The run-event hooks of ``participants``, to call by name."""
+        return RunEvents({name: self.event_caller(name, participants) for name in RUN_EVENTS})
 
     def versions(self, participants: Collection[str]) -> dict[str, str | None]:
         """``{plugin: version}`` of the participants, for the run log."""

@@ -1,10 +1,20 @@
-"""Console output of a run: a live progress line on a terminal, plain lines elsewhere."""
+"""Console output of a run: a live progress line on a terminal, plain lines elsewhere.
+
+:class:`StepMeter` measures a training run as it goes (loss, tokens per second, ETA) and
+reports it: ``train_step`` events in the log, the progress line on the console.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # the console is also used by commands that never import torch
+    import torch
+
+    from slmkit.distributed import World
+    from slmkit.run import Run
 
 
 def format_duration(seconds: float) -> str:
@@ -78,3 +88,65 @@ class Console:
         if self._line_open:
             self._write("\n")
             self._line_open = False
+
+
+class StepMeter:
+    """The training loss and speed of a run, logged and shown as steps complete.
+
+    The loss is read back from the device only on logging steps (and the first step, so
+    progress shows at once): reading it every step would synchronise the device.
+    """
+
+    def __init__(
+        self, console: Console, world: World, tokens_per_step: int, step: int, max_steps: int
+    ) -> None:
+        self.console, self.world = console, world
+        self.tokens_per_step, self.max_steps = tokens_per_step, max_steps
+        self.start_step = step
+        self.started = self._window_start = time.perf_counter()
+        self._window_steps = 0
+        #: the latest training loss read back (NaN before the first)
+        self.last_loss = float("nan")
+
+    def step_done(
+        self,
+        run: Run,
+        step: int,
+        loss: torch.Tensor,
+        lr: float,
+        log_now: bool,
+        val_loss: float | None,
+    ) -> dict[str, Any]:
+        """Account for one step; the metrics run-event hooks get (``lr``, and on logging
+        steps ``train_loss`` and ``tokens_per_s``)."""
+        self._window_steps += 1
+        metrics: dict[str, Any] = {"lr": lr}
+        if not (log_now or step == self.start_step + 1):
+            return metrics
+        self.last_loss = self.world.mean(loss).item()
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start, 1e-9)
+        tokens_per_s = self._window_steps * self.tokens_per_step / elapsed
+        self._window_start, self._window_steps = now, 0
+        if log_now:
+            metrics.update(train_loss=self.last_loss, tokens_per_s=tokens_per_s)
+            run.log(
+                "train_step",
+                step=step,
+                train_loss=self.last_loss,
+                lr=lr,
+                tokens_per_s=round(tokens_per_s, 1),
+            )
+        per_step = (now - self.started) / (step - self.start_step)
+        eta = per_step * (self.max_steps - step)
+        self.console.progress(step, self.max_steps, self.last_loss, tokens_per_s, eta, val_loss)
+        return metrics
+
+    def totals(self, step: int) -> dict[str, Any]:
+        """``elapsed_s`` and the average ``tokens_per_s`` of this process's steps."""
+        elapsed = time.perf_counter() - self.started
+        trained = (step - self.start_step) * self.tokens_per_step
+        return {
+            "elapsed_s": round(elapsed, 3),
+            "tokens_per_s": round(trained / elapsed, 1) if elapsed > 0 else None,
+        }

@@ -14,6 +14,7 @@ import attrs
 
 from slmkit.errors import PluginError
 
+
 @attrs.define(frozen=True)
 class Component:
     """One registered component: its factory, its options class and who provided it."""

@@ -8,11 +8,8 @@ every event it logged.
 from __future__ import annotations
 
 import platform
-import re
-import secrets
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -68,12 +65,6 @@ def read_events(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return events
-
-
-def new_run_id(name: str) -> str:
-    """``<UTC time>-<experiment name>-<4 hex digits>``: sortable and unique enough."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
-    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{slug}-{secrets.token_hex(2)}"
 
 
 def git_state(cwd: Path) -> dict[str, Any]:

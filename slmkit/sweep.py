@@ -11,9 +11,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+from slmkit.config.reading import parse_override
 from slmkit.errors import ConfigError
-from slmkit.experiment import parse_override
-from slmkit.runlog import new_run_id
+from slmkit.rundir import new_run_id
 
 
 def split_values(raw: str) -> list[str]:

@@ -16,7 +16,7 @@ import torch
 
 import slmkit
 from slmkit import checkpoint
-from slmkit.experiment import load_experiment
+from slmkit.config.resolve import load_experiment
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events

@@ -20,8 +20,8 @@ from slmkit_builtin.bpe import BPETokenizer, learn_merges
 import slmkit.plugins
 from slmkit import checkpoint
 from slmkit.build import build_tokenizer, read_experiment_corpus
+from slmkit.config.resolve import experiment_from_dict
 from slmkit.errors import ConfigError
-from slmkit.experiment import experiment_from_dict
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
@@ -219,7 +219,7 @@ def test_vocab_size_is_validated(bpe_manager: PluginManager) -> None:
         experiment_from_dict(data, bpe_manager, "x.toml")
     assert e.value.key == "tokenizer.vocab_size"
     exp = experiment_from_dict({"tokenizer": {"name": "bpe"}}, bpe_manager, "x.toml")
-    assert build_tokenizer(exp, bpe_manager).vocab_size == 512
+    assert build_tokenizer(exp).vocab_size == 512
 
 
 def test_a_run_with_bpe_trains_and_reloads(bpe_manager: PluginManager, tmp_path: Path) -> None:
@@ -242,19 +242,19 @@ def test_a_run_with_bpe_trains_and_reloads(bpe_manager: PluginManager, tmp_path:
     saved = checkpoint.load(run_dir)["tokenizer"]
     assert saved["name"] == "bpe" and len(saved["state"]["merges"]) == 300 - 256
     assert json.loads((run_dir / "tokenizer.json").read_text()) == saved
-    reloaded = build_tokenizer(exp, bpe_manager)
+    reloaded = build_tokenizer(exp)
     reloaded.load_state_dict(saved["state"])
     assert reloaded.merges == trainer.tokenizer.merges
     sample = "def f(x):\n    return x + 1  # ünïcode"
     assert reloaded.encode(sample) == trainer.tokenizer.encode(sample)
     assert torch.equal(
-        torch.cat([trainer.splits.train, trainer.splits.val]).long(),
+        torch.cat([trainer.data.splits.train, trainer.data.splits.val]).long(),
         torch.cat([reloaded.encode_to_tensor(t) for t in _split_texts(exp, bpe_manager)]).long(),
     )
 
 
 def _split_texts(exp: Any, manager: PluginManager) -> list[str]:
     """The training and validation texts, split as slmkit.data.prepare_splits does."""
-    text = read_experiment_corpus(exp, manager)
+    text = read_experiment_corpus(exp)
     cut = int(len(text) * (1 - exp.data.val_fraction))
     return [text[:cut], text[cut:]]

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from slmkit import checkpoint
+from slmkit.config.resolve import load_experiment
 from slmkit.data import BatchStream, rank_share, validation_batches
-from slmkit.distributed import World, first_line, is_lost_peer, timeout_s
-from slmkit.errors import CheckpointError, SlmkitError
-from slmkit.experiment import load_experiment
+from slmkit.distributed import World, is_lost_peer, timeout_s
+from slmkit.errors import CheckpointError, SlmkitError, first_line
 from slmkit.progress import Console
 from slmkit.runlog import read_events
 from slmkit.train import Trainer

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slmkit.dropout import Dropout, dropout
+from slmkit.dropout_mask import Dropout, dropout
 
 
 def test_identity_in_eval_mode_and_at_p_zero() -> None:

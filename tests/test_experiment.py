@@ -9,14 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slmkit.config.diff import changed_keys
+from slmkit.config.reading import apply_overrides, parse_override
+from slmkit.config.resolve import experiment_from_dict, load_experiment
 from slmkit.errors import ConfigError
-from slmkit.experiment import (
-    apply_overrides,
-    changed_keys,
-    experiment_from_dict,
-    load_experiment,
-    parse_override,
-)
 from slmkit.plugins import PluginManager
 
 ROOT = Path(__file__).resolve().parent.parent

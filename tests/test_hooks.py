@@ -30,18 +30,12 @@ from torch import nn
 import slmkit
 from slmkit import checkpoint
 from slmkit.components import ModelDims
+from slmkit.config.resolve import load_experiment
 from slmkit.errors import ConfigError, HookFailure, RunError
-from slmkit.experiment import load_experiment
-from slmkit.hooks import (
-    EnabledHook,
-    ForwardHooks,
-    HookPoint,
-    UpdateHooks,
-    parameter_layer,
-    select_points,
-    to_plain,
-)
+from slmkit.hookpoint import HookPoint
+from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points, to_plain
 from slmkit.model import LanguageModel
+from slmkit.param_groups import parameter_layer
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
@@ -79,7 +73,7 @@ def tiny_model(attention: str = "sdpa", dropout: float = 0.0, seed: int = 0) -> 
     dims = ModelDims(dropout=dropout, **DIMS)
     options = GPTOptions(attention=attention)
     torch.manual_seed(seed)
-    return LanguageModel(dims, lambda layer: GPTBlock(dims, options, layer))
+    return LanguageModel(dims, lambda layer: GPTBlock(options, dims, layer))
 
 
 def tokens(batch: int = 3, time: int = 7, seed: int = 1) -> torch.Tensor:
@@ -391,7 +385,7 @@ def test_forward_hooks_change_nothing_end_to_end(write_experiment, manager, tmp_
         model.eval()
         recorded = record_all(model)
         with torch.no_grad():
-            model(trainer.val_batches[0][0])
+            model(trainer.data.val_batches[0][0])
         detach_all(model)
         seen = dict(recorded)
         for point in resid:

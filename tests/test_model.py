@@ -50,7 +50,7 @@ def make_model(
     dims = dims or make_dims()
     options = GPTOptions(attention=attention, bias=bias)
     torch.manual_seed(seed)
-    return LanguageModel(dims, lambda layer: GPTBlock(dims, options, layer), pad_id=0)
+    return LanguageModel(dims, lambda layer: GPTBlock(options, dims, layer), pad_id=0)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
@@ -150,7 +150,7 @@ def test_loss_ignores_pad_targets() -> None:
 def test_loss_without_pad_id_counts_every_target() -> None:
     dims = make_dims()
     torch.manual_seed(0)
-    model = LanguageModel(dims, lambda layer: GPTBlock(dims, GPTOptions(), layer)).eval()
+    model = LanguageModel(dims, lambda layer: GPTBlock(GPTOptions(), dims, layer)).eval()
     idx = tokens(2, CTX, seed=5)
     targets = tokens(2, CTX, seed=6, low=0)
     targets[0, :3] = 0

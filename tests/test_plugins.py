@@ -196,7 +196,7 @@ import slmkit
 
 @slmkit.hookimpl
 def register_optimizers(register):
-    register("fake_opt", lambda groups, options: None)
+    register("fake_opt", lambda options, groups: None)
 """
 
 

@@ -17,8 +17,8 @@ import torch
 import slmkit
 from slmkit import checkpoint
 from slmkit.cli import main
+from slmkit.config.resolve import load_experiment
 from slmkit.errors import CheckpointError, RunError
-from slmkit.experiment import load_experiment
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
@@ -183,8 +183,8 @@ def test_resume_falls_back_to_the_newest_good_checkpoint(finished_run, manager, 
     console.say = said.append  # type: ignore[method-assign]
     exp = load_experiment(path, manager)
     resumed = Trainer(exp, manager, str(path), resume=run_dir, console=console)
-    assert resumed.resume_path == run_dir / "checkpoints" / "step_3.pt"
-    assert resumed.step == 0  # restored when the run starts
+    assert resumed.resume.path == run_dir / "checkpoints" / "step_3.pt"
+    assert resumed.state.step == 0  # restored when the run starts
     assert any("checksum mismatch" in line for line in said)
     assert (
         said[-1]
@@ -329,11 +329,11 @@ def test_a_new_run_never_reuses_a_run_folder(write_experiment, manager, tmp_path
     before = (first / "log.jsonl").read_bytes()
     # A name that is taken is drawn again...
     names = iter([first.name, first.name, "fresh-name"])
-    monkeypatch.setattr("slmkit.train.new_run_id", lambda name: next(names))
+    monkeypatch.setattr("slmkit.rundir.new_run_id", lambda name: next(names))
     second = Path(trainer(path, tmp_path / "runs", manager).run()["run_dir"])
     assert second.name == "fresh-name"
     # ...and when every draw is taken, the run stops with one line, touching nothing.
-    monkeypatch.setattr("slmkit.train.new_run_id", lambda name: first.name)
+    monkeypatch.setattr("slmkit.rundir.new_run_id", lambda name: first.name)
     with pytest.raises(RunError, match="cannot find a free run folder name"):
         trainer(path, tmp_path / "runs", manager).run()
     assert (first / "log.jsonl").read_bytes() == before

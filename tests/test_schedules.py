@@ -28,8 +28,8 @@ import slmkit
 import slmkit.plugins
 from slmkit import checkpoint
 from slmkit.build import build_schedule
+from slmkit.config.resolve import experiment_from_dict, load_experiment
 from slmkit.errors import ConfigError, RunError
-from slmkit.experiment import experiment_from_dict, load_experiment
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
@@ -213,18 +213,18 @@ def test_warmup_not_shorter_than_the_run_is_an_error_when_built(
     assert str(info.value) == f"{path}: {message}"
     linear = resolve({"name": "linear", "warmup_steps": 9}, schedules_manager)
     with pytest.raises(ConfigError, match=r"schedule.warmup_steps: must be < training.max_steps"):
-        build_schedule(linear, schedules_manager)
-    assert build_schedule(resolve({"name": "cosine", "warmup_steps": 5}, schedules_manager),
-                          schedules_manager)(4) == 1.0  # fmt: skip
+        build_schedule(linear)
+    cosine = resolve({"name": "cosine", "warmup_steps": 5}, schedules_manager)
+    assert build_schedule(cosine)(4) == 1.0
 
 
 def test_wsd_warmup_must_end_before_the_decay(schedules_manager) -> None:
     schedule = {"name": "wsd", "warmup_steps": 41, "decay_fraction": 0.2}
     with pytest.raises(ConfigError, match=r"schedule.warmup_steps: must be <= 40, where the decay "
                        r"over the last 10 steps .* starts, got 41"):  # fmt: skip
-        build_schedule(resolve(schedule, schedules_manager, max_steps=50), schedules_manager)
+        build_schedule(resolve(schedule, schedules_manager, max_steps=50))
     exp = resolve({**schedule, "warmup_steps": 40}, schedules_manager, max_steps=50)
-    s = build_schedule(exp, schedules_manager)
+    s = build_schedule(exp)
     assert (s(39), s(40), s(49) < 1.0) == (1.0, 1.0, True)
 
 

@@ -18,8 +18,8 @@ from conftest import assert_same_parameters, losses, train
 
 import slmkit
 from slmkit import checkpoint
+from slmkit.config.resolve import load_experiment
 from slmkit.errors import CheckpointError
-from slmkit.experiment import load_experiment
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events

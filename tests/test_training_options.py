@@ -13,13 +13,13 @@ import torch
 from conftest import TINY, Interrupt, assert_same_parameters, events, merge
 
 import slmkit
-import slmkit.train
+import slmkit.stepper
 from slmkit import checkpoint
 from slmkit.build import build_model, build_tokenizer, load_trained
 from slmkit.cli import main
 from slmkit.components import ModelDims
+from slmkit.config.resolve import experiment_from_dict, load_experiment
 from slmkit.errors import CheckpointError, ConfigError, RunError
-from slmkit.experiment import experiment_from_dict, load_experiment
 from slmkit.model import LanguageModel, filter_logits
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
@@ -93,7 +93,7 @@ def test_accumulation_4x4_trains_like_16x1(write_experiment, manager, tmp_path) 
     assert [s for s, _, _ in steps(a)] == [1, 2, 3, 4]
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
     assert checkpoint.load(a)["data"] == checkpoint.load(b)["data"] == {"windows_consumed": 64}
-    assert trainer.stream.consumed == 64
+    assert trainer.data.stream.consumed == 64
     pa, pb = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
     assert pa.keys() == pb.keys()
     for name in pa:
@@ -220,12 +220,12 @@ def test_compile_failure_falls_back_to_the_same_run(
 
     path = write_experiment(changes({"training": {"max_steps": 3}}))  # dropout 0.1 as TINY
     _, eager = train(path, manager, tmp_path / "eager")
-    monkeypatch.setattr(slmkit.train.torch, "compile", fake_compile)
+    monkeypatch.setattr(slmkit.stepper.torch, "compile", fake_compile)
     out = io.StringIO()
     trainer, run = train(path, manager, tmp_path / "compiled", ["training.compile=true"],
                          console=Console(out))  # fmt: skip
     assert compiled == [trainer.model]
-    assert trainer.compiled is None
+    assert trainer.stepper.compiled is None
     (failed,) = events(run, "compile_failed")
     assert failed["error"] == "no compiler"
     assert "warning: torch.compile failed, training uncompiled: no compiler\n" in out.getvalue()
@@ -245,7 +245,7 @@ def test_compile_that_works_is_used(write_experiment, manager, tmp_path, monkeyp
 
     path = write_experiment(changes({"training": {"max_steps": 2}}))
     _, eager = train(path, manager, tmp_path / "eager")
-    monkeypatch.setattr(slmkit.train.torch, "compile", fake_compile)
+    monkeypatch.setattr(slmkit.stepper.torch, "compile", fake_compile)
     _, run = train(path, manager, tmp_path / "compiled", ["training.compile=true"])
     assert len(calls) == 2  # one forward per step goes through the compiled callable
     assert events(run, "compile_failed") == []
@@ -274,10 +274,10 @@ def test_tied_embeddings_share_one_matrix(manager) -> None:
     sizes = {}
     for tied in (False, True):
         exp = tiny_exp(manager, tie_embeddings=tied)
-        tokenizer = build_tokenizer(exp, manager)
+        tokenizer = build_tokenizer(exp)
         tokenizer.train("abcdefghij klmnop\n")
         torch.manual_seed(0)
-        model = build_model(exp, manager, tokenizer)
+        model = build_model(exp, tokenizer)
         assert (model.head.weight is model.tok_emb.weight) is tied
         sizes[tied] = (model.n_params, tokenizer.vocab_size)
         # a tied matrix is an embedding: it is in the no-decay group, once
@@ -437,7 +437,7 @@ def tiny_model(vocab: int = 11, seed: int = 0) -> LanguageModel:
                      context_length=16, vocab_size=vocab)  # fmt: skip
     factory = manager.component("block", "gpt", exp.participants).factory
     torch.manual_seed(seed)
-    model = LanguageModel(dims, lambda layer: factory(dims, exp.model.options, layer))
+    model = LanguageModel(dims, lambda layer: factory(exp.model.options, dims, layer))
     with torch.no_grad():  # larger weights: logits far from uniform
         model.head.weight.mul_(50)
     return model.eval()

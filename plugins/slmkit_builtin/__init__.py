@@ -1,5 +1,6 @@
 """The plugins that ship with slmkit, each an ordinary plugin module.
 
-They use only slmkit's public API (``slmkit.hookimpl``, ``slmkit.components``,
-``slmkit.options``), exactly as a third-party plugin would.
+They use only slmkit's plugin API: ``import slmkit`` and the names in ``slmkit.__all__``
+(``slmkit.hookimpl``, ``slmkit.HookPoint``, ``slmkit.positive``...), exactly as a
+third-party plugin would.
 """

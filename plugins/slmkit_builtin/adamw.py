@@ -12,41 +12,26 @@ import attrs
 import torch
 
 import slmkit
-from slmkit.options import OptionValueError, in_range, non_negative, one_of, positive
-
-
-def _two_betas(_instance: Any, attribute: attrs.Attribute[Any], value: list[float]) -> None:
-    if len(value) != 2:
-        raise OptionValueError(attribute.name, f"expected two numbers [beta1, beta2], got {value}")
-    for beta in value:
-        in_range(0, 1, high_open=True)(_instance, attribute, beta)
 
 
 @attrs.define(frozen=True)
 class AdamWOptions:
     """Options of ``adamw`` (keys of the ``[optimizer]`` table)."""
 
-    weight_decay: float = attrs.field(default=0.1, validator=non_negative)
-    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.95], validator=_two_betas)
-    eps: float = attrs.field(default=1e-8, validator=positive)
+    weight_decay: float = attrs.field(default=0.1, validator=slmkit.non_negative)
+    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.95], validator=slmkit.two_betas)
+    eps: float = attrs.field(default=1e-8, validator=slmkit.positive)
     #: "fused" (one kernel), "foreach" (batched) or "for-loop": the same mathematics;
     #: "auto" picks fused on CPU and CUDA, foreach elsewhere
     implementation: str = attrs.field(
         default="auto",
-        validator=one_of(("auto", "foreach", "fused", "for-loop")),
+        validator=slmkit.one_of(("auto", "foreach", "fused", "for-loop")),
     )
 
 
-def build_adamw(param_groups: list[dict[str, Any]], options: AdamWOptions) -> torch.optim.AdamW:
+def build_adamw(options: AdamWOptions, param_groups: list[dict[str, Any]]) -> torch.optim.AdamW:
     """AdamW over the kernel's groups, decaying only the ``decay`` ones."""
-    groups = [
-        {
-            "params": g["params"],
-            "lr": g["lr"],
-            "weight_decay": options.weight_decay if g["decay"] else 0.0,
-        }
-        for g in param_groups
-    ]
+    groups = slmkit.weight_decay_groups(param_groups, options.weight_decay)
     implementation = options.implementation
     if implementation == "auto":
         # One fused kernel for all parameters: on a CPU some 50x faster than PyTorch's
@@ -64,6 +49,6 @@ def build_adamw(param_groups: list[dict[str, Any]], options: AdamWOptions) -> to
 
 
 @slmkit.hookimpl
-def register_optimizers(register: Any) -> None:
+def register_optimizers(register: slmkit.Register) -> None:
     """Provide the ``adamw`` optimizer."""
     register("adamw", build_adamw, options=AdamWOptions)

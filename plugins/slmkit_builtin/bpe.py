@@ -46,7 +46,6 @@ import numpy as np
 import torch
 
 import slmkit
-from slmkit.options import OptionValueError
 
 N_BYTES = 256
 #: 0xFF never occurs in UTF-8: the bytes of an id no merge defines, decoded as U+FFFD
@@ -278,7 +277,7 @@ def _is_int(value: Any) -> bool:
 
 def _at_least_257(_instance: Any, attribute: attrs.Attribute[Any], value: int) -> None:
     if value < N_BYTES + 1:
-        raise OptionValueError(
+        raise slmkit.OptionValueError(
             attribute.name,
             f"must be >= 257 (the 256 byte tokens and at least one merge), got {value!r}",
         )
@@ -293,6 +292,6 @@ class BPEOptions:
 
 
 @slmkit.hookimpl
-def register_tokenizers(register: Any) -> None:
+def register_tokenizers(register: slmkit.Register) -> None:
     """Provide the ``bpe`` tokenizer."""
     register("bpe", lambda options: BPETokenizer(options.vocab_size), options=BPEOptions)

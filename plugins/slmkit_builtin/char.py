@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 import slmkit
-from slmkit.options import NoOptions
 
 PAD_ID, UNK_ID = 0, 1
 SPECIALS = ("<PAD>", "<UNK>")
@@ -195,11 +194,11 @@ class CharTokenizer:
 
 
 @attrs.define(frozen=True)
-class CharOptions(NoOptions):
+class CharOptions(slmkit.NoOptions):
     """The char tokenizer takes no options: its policy is fixed."""
 
 
 @slmkit.hookimpl
-def register_tokenizers(register: Any) -> None:
+def register_tokenizers(register: slmkit.Register) -> None:
     """Provide the ``char`` tokenizer."""
     register("char", lambda options: CharTokenizer(), options=CharOptions)

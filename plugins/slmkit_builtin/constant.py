@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import slmkit
 
 
@@ -15,6 +13,6 @@ class ConstantSchedule:
 
 
 @slmkit.hookimpl
-def register_schedules(register: Any) -> None:
+def register_schedules(register: slmkit.Register) -> None:
     """Provide the ``constant`` schedule."""
     register("constant", lambda options, max_steps: ConstantSchedule())

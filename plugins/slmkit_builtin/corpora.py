@@ -14,7 +14,6 @@ from typing import Any
 import attrs
 
 import slmkit
-from slmkit.options import OptionValueError
 
 _BINARY_SNIFF = 8192
 
@@ -32,11 +31,11 @@ def read_text_file(path: Path) -> str:
     """Read one UTF-8 text file; binary or undecodable files are refused."""
     raw = path.read_bytes()
     if b"\x00" in raw[:_BINARY_SNIFF]:
-        raise OptionValueError("path", f"{str(path)!r} looks binary (it contains NUL bytes)")
+        raise slmkit.OptionValueError("path", f"{str(path)!r} looks binary (it contains NUL bytes)")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise OptionValueError(
+        raise slmkit.OptionValueError(
             "path", f"{str(path)!r} is not UTF-8 text (bad byte at offset {exc.start})"
         ) from None
 
@@ -54,9 +53,11 @@ class FileCorpus:
         if self.path.is_dir():
             found = sorted(p for p in self.path.rglob("*.txt") if p.is_file())
             if not found:
-                raise OptionValueError("path", f"folder {str(self.path)!r} has no .txt files")
+                raise slmkit.OptionValueError(
+                    "path", f"folder {str(self.path)!r} has no .txt files"
+                )
             return found
-        raise OptionValueError("path", f"no such file or folder: {str(self.path)!r}")
+        raise slmkit.OptionValueError("path", f"no such file or folder: {str(self.path)!r}")
 
     def describe(self) -> dict[str, Any]:
         """The path and the files read."""
@@ -82,7 +83,7 @@ class PythonDocsCorpus:
         try:
             from pydoc_data.topics import topics
         except ImportError:  # some distributions strip pydoc_data
-            raise OptionValueError(
+            raise slmkit.OptionValueError(
                 "corpus",
                 'this Python has no pydoc_data module; use corpus = "file" with a path',
             ) from None
@@ -90,7 +91,7 @@ class PythonDocsCorpus:
 
 
 @slmkit.hookimpl
-def register_corpora(register: Any) -> None:
+def register_corpora(register: slmkit.Register) -> None:
     """Provide the ``file`` and ``python_docs`` corpora."""
     register("file", FileCorpus, options=FileOptions)
     register("python_docs", lambda options: PythonDocsCorpus())

@@ -14,7 +14,6 @@ import attrs
 import torch
 
 import slmkit
-from slmkit.options import positive
 
 STATS = ("mean", "std", "rms", "abs_max", "frac_near_zero")
 
@@ -24,7 +23,7 @@ class ActivationStatsOptions:
     """Options of ``activation_stats``."""
 
     #: |activation| below this counts as "near zero" (dead units, saturation)
-    near_zero: float = attrs.field(default=1e-3, validator=positive)
+    near_zero: float = attrs.field(default=1e-3, validator=slmkit.positive)
 
 
 class ActivationStats:
@@ -112,7 +111,7 @@ class Capture:
         self.run_dir: Path | None = None
         self.captured: dict[str, torch.Tensor] = {}
 
-    def start(self, run: Any) -> None:
+    def start(self, run: slmkit.Run) -> None:
         """Learn where the run folder is."""
         self.run_dir = Path(run.run_dir)
 
@@ -137,7 +136,7 @@ class Capture:
 
 
 @slmkit.hookimpl
-def register_forward_hooks(register: Any) -> None:
+def register_forward_hooks(register: slmkit.Register) -> None:
     """Provide ``activation_stats``, ``attention_entropy`` and ``capture``."""
     register("activation_stats", ActivationStats, options=ActivationStatsOptions)
     register("attention_entropy", AttentionEntropy)

@@ -9,7 +9,7 @@ out (scores, mask, softmax, weighted sum) for reading and for checking the fused
 fused path never materializes the attention pattern; when a forward hook watches
 ``attn.hook_pattern`` it is computed on the side, so watching changes no output. Training
 on the CPU with dropout takes the explicit path (see ``CausalSelfAttention.forward``), and
-every dropout is :mod:`slmkit.dropout`'s, whose mask is cheaper to draw there.
+every dropout is slmkit's (:func:`slmkit.dropout`), whose mask is cheaper to draw there.
 
 Hook points (shapes in docs/hooks.md): ``hook_resid_pre``, ``attn.hook_q/k/v``,
 ``attn.hook_pattern``, ``attn.hook_out``, ``mlp.hook_pre``, ``mlp.hook_post``,
@@ -19,7 +19,6 @@ Hook points (shapes in docs/hooks.md): ``hook_resid_pre``, ``attn.hook_q/k/v``,
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import attrs
 import torch
@@ -27,37 +26,34 @@ import torch.nn.functional as F
 from torch import nn
 
 import slmkit
-from slmkit.blocks import causal_mask, init_gpt2_weights
-from slmkit.components import BlockContext, ModelDims
-from slmkit.dropout import Dropout, dropout
-from slmkit.hooks import HookPoint
-from slmkit.options import one_of
 
 
 @attrs.define(frozen=True)
 class GPTOptions:
     """Options of the ``gpt`` block (keys of the ``[model]`` table)."""
 
-    attention: str = attrs.field(default="sdpa", validator=one_of(("sdpa", "explicit")))
+    attention: str = attrs.field(default="sdpa", validator=slmkit.one_of(("sdpa", "explicit")))
     bias: bool = True
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position attends only to earlier ones."""
 
-    def __init__(self, dims: ModelDims, options: GPTOptions) -> None:
+    def __init__(self, dims: slmkit.ModelDims, options: GPTOptions) -> None:
         super().__init__()
         self.n_heads, self.d_head = dims.n_heads, dims.d_head
         self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=options.bias)
         self.proj = nn.Linear(dims.d_model, dims.d_model, bias=options.bias)
         self.dropout = dims.dropout
-        self.resid_dropout = Dropout(dims.dropout)
+        self.resid_dropout = slmkit.Dropout(dims.dropout)
         self.explicit = options.attention == "explicit"
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
-        self.hook_pattern = HookPoint()
-        self.hook_out = HookPoint()
+        self.hook_q = slmkit.HookPoint()
+        self.hook_k = slmkit.HookPoint()
+        self.hook_v = slmkit.HookPoint()
+        self.hook_pattern = slmkit.HookPoint()
+        self.hook_out = slmkit.HookPoint()
 
-    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: slmkit.BlockContext) -> torch.Tensor:
         batch, time, d_model = x.shape
         # (batch, time, 3*d_model) -> (3, batch, n_heads, time, d_head) -> q, k, v: views
         # only, and few of them (in generation every op costs per-token overhead)
@@ -88,7 +84,7 @@ class CausalSelfAttention(nn.Module):
         n_queries, n_keys = q.shape[2], k.shape[2]
         if n_queries == n_keys:  # training, or the first step of generation
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True)
-        mask = None if n_queries == 1 else causal_mask(n_queries, n_keys, q.device)
+        mask = None if n_queries == 1 else slmkit.causal_mask(n_queries, n_keys, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
 
     def _pattern(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -96,25 +92,26 @@ class CausalSelfAttention(nn.Module):
         # Scaled dot products: dividing by sqrt(d_head) keeps the softmax out of saturation
         # (done to q, which is time/keys times smaller than the scores).
         scores = (q * (1 / math.sqrt(self.d_head))) @ k.transpose(-2, -1)
-        future = ~causal_mask(q.shape[2], k.shape[2], q.device)
+        future = ~slmkit.causal_mask(q.shape[2], k.shape[2], q.device)
         return scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
 
     def _explicit(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p_drop: float
     ) -> torch.Tensor:
         pattern = self.hook_pattern(self._pattern(q, k))
-        return dropout(pattern, p_drop) @ v
+        return slmkit.dropout(pattern, p_drop) @ v
 
 
 class MLP(nn.Module):
     """Position-wise feed-forward network: widen, GELU, project back."""
 
-    def __init__(self, dims: ModelDims, options: GPTOptions) -> None:
+    def __init__(self, dims: slmkit.ModelDims, options: GPTOptions) -> None:
         super().__init__()
         self.fc = nn.Linear(dims.d_model, dims.d_ff, bias=options.bias)
         self.proj = nn.Linear(dims.d_ff, dims.d_model, bias=options.bias)
-        self.dropout = Dropout(dims.dropout)
-        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+        self.dropout = slmkit.Dropout(dims.dropout)
+        self.hook_pre = slmkit.HookPoint()
+        self.hook_post = slmkit.HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.hook_post(F.gelu(self.hook_pre(self.fc(x))))
@@ -125,23 +122,23 @@ class MLP(nn.Module):
 class GPTBlock(nn.Module):
     """Pre-norm residual block: normalizing before each sublayer keeps deep stacks stable."""
 
-    def __init__(self, dims: ModelDims, options: GPTOptions, layer: int) -> None:
+    def __init__(self, options: GPTOptions, dims: slmkit.ModelDims, layer: int) -> None:
         super().__init__()
-        self.hook_resid_pre = HookPoint()
+        self.hook_resid_pre = slmkit.HookPoint()
         self.ln_1 = nn.LayerNorm(dims.d_model, bias=options.bias)
         self.attn = CausalSelfAttention(dims, options)
         self.ln_2 = nn.LayerNorm(dims.d_model, bias=options.bias)
         self.mlp = MLP(dims, options)
-        self.hook_resid_post = HookPoint()
-        init_gpt2_weights(self, (self.attn.proj, self.mlp.proj), dims.n_layers)
+        self.hook_resid_post = slmkit.HookPoint()
+        slmkit.init_gpt2_weights(self, (self.attn.proj, self.mlp.proj), dims.n_layers)
 
-    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: slmkit.BlockContext) -> torch.Tensor:
         x = self.hook_resid_pre(x)
         x = x + self.attn(self.ln_1(x), ctx)
         return self.hook_resid_post(x + self.mlp(self.ln_2(x)))
 
 
 @slmkit.hookimpl
-def register_blocks(register: Any) -> None:
+def register_blocks(register: slmkit.Register) -> None:
     """Provide the ``gpt`` block."""
     register("gpt", GPTBlock, options=GPTOptions)

@@ -20,12 +20,10 @@ the curve of the new length from its step onwards.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import attrs
 
 import slmkit
-from slmkit.options import OptionValueError, in_range, non_negative, one_of
 
 #: decay shapes of ``wsd``: progress p in [0, 1] -> fraction of the way still to go
 DECAY_SHAPES = {
@@ -40,9 +38,9 @@ class CosineOptions:
     """Options of ``cosine`` (keys of the ``[schedule]`` table)."""
 
     #: steps of linear warmup before the decay (must be < training.max_steps)
-    warmup_steps: int = attrs.field(default=0, validator=non_negative)
+    warmup_steps: int = attrs.field(default=0, validator=slmkit.non_negative)
     #: final multiplier: the minimum learning rate is learning_rate * min_lr_ratio
-    min_lr_ratio: float = attrs.field(default=0.1, validator=in_range(0, 1))
+    min_lr_ratio: float = attrs.field(default=0.1, validator=slmkit.in_range(0, 1))
 
 
 @attrs.define(frozen=True)
@@ -50,9 +48,9 @@ class LinearOptions:
     """Options of ``linear`` (keys of the ``[schedule]`` table)."""
 
     #: steps of linear warmup before the decay (must be < training.max_steps)
-    warmup_steps: int = attrs.field(default=0, validator=non_negative)
+    warmup_steps: int = attrs.field(default=0, validator=slmkit.non_negative)
     #: final multiplier: the minimum learning rate is learning_rate * min_lr_ratio
-    min_lr_ratio: float = attrs.field(default=0.1, validator=in_range(0, 1))
+    min_lr_ratio: float = attrs.field(default=0.1, validator=slmkit.in_range(0, 1))
 
 
 @attrs.define(frozen=True)
@@ -60,18 +58,18 @@ class WSDOptions:
     """Options of ``wsd`` (keys of the ``[schedule]`` table)."""
 
     #: steps of linear warmup (must end before the decay starts)
-    warmup_steps: int = attrs.field(default=0, validator=non_negative)
+    warmup_steps: int = attrs.field(default=0, validator=slmkit.non_negative)
     #: the decay takes the last round(decay_fraction * max_steps) steps (at least 1)
-    decay_fraction: float = attrs.field(default=0.1, validator=in_range(0, 1, low_open=True))
+    decay_fraction: float = attrs.field(default=0.1, validator=slmkit.in_range(0, 1, low_open=True))
     #: final multiplier: the minimum learning rate is learning_rate * min_lr_ratio
-    min_lr_ratio: float = attrs.field(default=0.0, validator=in_range(0, 1))
+    min_lr_ratio: float = attrs.field(default=0.0, validator=slmkit.in_range(0, 1))
     #: shape of the decay: "sqrt" (1 - sqrt(progress)), "linear" or "cosine"
-    decay: str = attrs.field(default="sqrt", validator=one_of(tuple(DECAY_SHAPES)))
+    decay: str = attrs.field(default="sqrt", validator=slmkit.one_of(tuple(DECAY_SHAPES)))
 
 
 def _check_warmup(warmup_steps: int, max_steps: int) -> None:
     if warmup_steps >= max_steps:
-        raise OptionValueError(
+        raise slmkit.OptionValueError(
             "warmup_steps", f"must be < training.max_steps={max_steps}, got {warmup_steps}"
         )
 
@@ -153,7 +151,7 @@ class WSDSchedule:
         self.decay_steps = max(1, round(decay_fraction * max_steps))
         self.decay_start = max_steps - self.decay_steps
         if warmup_steps > self.decay_start:
-            raise OptionValueError(
+            raise slmkit.OptionValueError(
                 "warmup_steps",
                 f"must be <= {self.decay_start}, where the decay over the last "
                 f"{self.decay_steps} steps (decay_fraction={decay_fraction} of "
@@ -193,7 +191,7 @@ def build_wsd(options: WSDOptions, max_steps: int) -> WSDSchedule:
 
 
 @slmkit.hookimpl
-def register_schedules(register: Any) -> None:
+def register_schedules(register: slmkit.Register) -> None:
     """Provide the ``cosine``, ``linear`` and ``wsd`` schedules."""
     register("cosine", build_cosine, options=CosineOptions)
     register("linear", build_linear, options=LinearOptions)

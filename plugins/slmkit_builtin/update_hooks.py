@@ -13,8 +13,6 @@ import torch
 from torch import nn
 
 import slmkit
-from slmkit.hooks import parameter_layer
-from slmkit.options import in_range, non_negative, positive
 
 Parameters = list[tuple[str, nn.Parameter]]
 
@@ -27,7 +25,7 @@ def _grads(parameters: Parameters) -> list[tuple[str, torch.Tensor]]:
 class ClipOptions:
     """Options of ``clip_grad_norm``."""
 
-    max_norm: float = attrs.field(default=1.0, validator=positive)
+    max_norm: float = attrs.field(default=1.0, validator=slmkit.positive)
 
 
 class ClipGradNorm:
@@ -58,7 +56,7 @@ class GradStats:
             return None
         squares: dict[str, torch.Tensor] = {}
         for name, grad in _grads(parameters):
-            layer = parameter_layer(name)
+            layer = slmkit.parameter_layer(name)
             squares[layer] = squares.get(layer, 0) + grad.float().pow(2).sum()
         norms = {layer: total.sqrt() for layer, total in squares.items()}
         norms["total"] = torch.stack(list(squares.values())).sum().sqrt()
@@ -69,8 +67,8 @@ class GradStats:
 class NoiseOptions:
     """Options of ``grad_noise`` (Neelakantan et al. 2015 use eta in {0.01, 0.3, 1.0})."""
 
-    eta: float = attrs.field(default=0.01, validator=positive)
-    gamma: float = attrs.field(default=0.55, validator=non_negative)
+    eta: float = attrs.field(default=0.01, validator=slmkit.positive)
+    gamma: float = attrs.field(default=0.55, validator=slmkit.non_negative)
 
 
 class GradNoise:
@@ -99,8 +97,8 @@ class GradNoise:
 class GrokfastOptions:
     """Options of ``grokfast`` (the paper's defaults: alpha 0.98, lamb 2.0)."""
 
-    alpha: float = attrs.field(default=0.98, validator=in_range(0, 1, high_open=True))
-    lamb: float = attrs.field(default=2.0, validator=non_negative)
+    alpha: float = attrs.field(default=0.98, validator=slmkit.in_range(0, 1, high_open=True))
+    lamb: float = attrs.field(default=2.0, validator=slmkit.non_negative)
 
 
 class Grokfast:
@@ -138,7 +136,7 @@ class Grokfast:
 
 
 @slmkit.hookimpl
-def register_update_hooks(register: Any) -> None:
+def register_update_hooks(register: slmkit.Register) -> None:
     """Provide ``clip_grad_norm``, ``grad_stats``, ``grad_noise`` and ``grokfast``."""
     register("clip_grad_norm", ClipGradNorm, options=ClipOptions)
     register("grad_stats", GradStats)

@@ -17,8 +17,8 @@ import attrs
 from slmkit.config.reading import apply_overrides, read_toml
 from slmkit.config.schema import (
     SECTION_TABLES,
-    ExperimentSection,
     Experiment,
+    ExperimentSection,
     PluginsSection,
     SamplingSection,
     TrainingSection,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from slmkit.options import OptionValueError
+from slmkit import OptionValueError
 from slmkit.plugins import PluginManager
 
 import slmkit_attention_maps
@@ -204,7 +204,7 @@ def test_registers_the_hook() -> None:
 
 
 def test_a_tiny_run_writes_one_image_per_layer_and_evaluation(tmp_path: Path) -> None:
-    from slmkit.experiment import experiment_from_dict
+    from slmkit.config.resolve import experiment_from_dict
     from slmkit.progress import Console
     from slmkit.train import Trainer
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from slmkit.options import OptionValueError
+from slmkit import OptionValueError
 from slmkit.plugins import PluginManager
 
 from slmkit_lion import NAME, Lion, LionOptions, build_lion
@@ -57,7 +57,7 @@ def test_two_steps_by_hand() -> None:
     #         p = [0.5, -1.5, 0.5] - 0.5 [-1, -1, 1] = [1, -1, 0]
     #         m = 0.75 [0.25, -0.5, 0] + 0.25 [-0.5, 0.25, 0.25] = [0.0625, -0.3125, 0.0625]
     p = torch.tensor(P0, requires_grad=True)
-    opt = build_lion(kernel_groups(0.5, (p, True)), OPTIONS)
+    opt = build_lion(OPTIONS, kernel_groups(0.5, (p, True)))
     step1, step2 = two_steps(opt, [p])
     assert step1 == [0.5, -1.5, 0.5]
     assert step2 == [1.0, -1.0, 0.0]
@@ -71,7 +71,7 @@ def test_weight_decay_only_on_decay_groups() -> None:
     decayed = torch.tensor(P0, requires_grad=True)
     plain = torch.tensor(P0, requires_grad=True)
     options = LionOptions(betas=[0.5, 0.75], weight_decay=0.5)
-    opt = build_lion(kernel_groups(0.5, (decayed, True), (plain, False)), options)
+    opt = build_lion(options, kernel_groups(0.5, (decayed, True), (plain, False)))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
     two_steps(opt, [decayed, plain])
     exact(decayed.detach(), [0.6875, -0.25, -0.21875])
@@ -94,7 +94,7 @@ def test_the_step_ignores_the_gradients_scale() -> None:
 
 def test_reads_the_learning_rate_of_each_group_at_every_step() -> None:
     p = torch.tensor(P0, requires_grad=True)
-    opt = build_lion(kernel_groups(0.5, (p, True)), OPTIONS)
+    opt = build_lion(OPTIONS, kernel_groups(0.5, (p, True)))
     opt.param_groups[0]["lr"] = 0.25  # what the trainer does with a schedule
     p.grad = torch.tensor(G1)
     opt.step()
@@ -141,7 +141,7 @@ def _train(
 def test_state_dict_round_trip_continues_identically() -> None:
     options = LionOptions(betas=[0.9, 0.99], weight_decay=0.1)
     model, x, y = _tiny_problem(0)
-    opt = build_lion(_groups(model, 0.01), options)
+    opt = build_lion(options, _groups(model, 0.01))
     _train(model, opt, x, y, 3)
 
     # save as slmkit's checkpoints do (torch.save, loaded back with weights_only=True)
@@ -152,7 +152,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
 
     resumed_model, _, _ = _tiny_problem(1)  # different weights, overwritten below
     resumed_model.load_state_dict(saved["model"])
-    resumed = build_lion(_groups(resumed_model, 0.01), options)
+    resumed = build_lion(options, _groups(resumed_model, 0.01))
     resumed.load_state_dict(saved["optimizer"])
     assert [g["betas"] for g in resumed.param_groups] == [(0.9, 0.99), (0.9, 0.99)]
 
@@ -186,7 +186,7 @@ def test_defaults() -> None:
     options = LionOptions()
     assert (options.betas, options.weight_decay) == ([0.9, 0.99], 0.0)
     p = torch.zeros(2, requires_grad=True)
-    opt = build_lion(kernel_groups(1e-4, (p, True)), options)
+    opt = build_lion(options, kernel_groups(1e-4, (p, True)))
     assert opt.param_groups[0]["betas"] == (0.9, 0.99)
 
 

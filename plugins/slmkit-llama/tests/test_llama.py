@@ -12,8 +12,7 @@ from typing import Any
 import attrs
 import pytest
 import torch
-from slmkit.components import BlockContext, KVCache, ModelDims
-from slmkit.options import OptionValueError
+from slmkit import BlockContext, KVCache, ModelDims, OptionValueError, causal_mask
 from slmkit.plugins import PluginManager
 
 import slmkit_llama
@@ -22,7 +21,6 @@ from slmkit_llama import (
     LlamaBlock,
     LlamaOptions,
     apply_rope,
-    causal_mask,
     swiglu_hidden_size,
 )
 
@@ -48,7 +46,7 @@ def manager() -> PluginManager:
 def build(model: dict[str, Any] | None = None, seed: int = 0) -> torch.nn.Module:
     """A small model with the llama block, built by slmkit from an experiment."""
     from slmkit.build import build_model
-    from slmkit.experiment import experiment_from_dict
+    from slmkit.config.resolve import experiment_from_dict
 
     pm = manager()
     table = {
@@ -65,7 +63,7 @@ def build(model: dict[str, Any] | None = None, seed: int = 0) -> torch.nn.Module
         {"plugins": {"enable": [DIST]}, "model": table}, pm, source="test.toml"
     )
     torch.manual_seed(seed)
-    return build_model(exp, pm, FakeTokenizer()).eval()
+    return build_model(exp, FakeTokenizer()).eval()
 
 
 # -- rotary embeddings ------------------------------------------------------------------------
@@ -125,7 +123,7 @@ def test_swiglu_hidden_size() -> None:
 def test_block_shape_and_causality() -> None:
     dims = ModelDims(2, 32, 4, 64, 0.0, 16, 10)
     torch.manual_seed(0)
-    block = LlamaBlock(dims, LlamaOptions(), 0).eval()
+    block = LlamaBlock(LlamaOptions(), dims, 0).eval()
     x = torch.randn(2, 10, 32)
     y = block(x, BlockContext(torch.arange(10)))
     assert y.shape == x.shape
@@ -138,9 +136,9 @@ def test_block_shape_and_causality() -> None:
 
 def test_block_has_no_biases_by_default_and_biases_on_request() -> None:
     dims = ModelDims(1, 32, 4, 64, 0.0, 16, 10)
-    plain = LlamaBlock(dims, LlamaOptions(), 0)
+    plain = LlamaBlock(LlamaOptions(), dims, 0)
     assert not [n for n, _ in plain.named_parameters() if n.endswith("bias")]
-    biased = LlamaBlock(dims, LlamaOptions(bias=True), 0)
+    biased = LlamaBlock(LlamaOptions(bias=True), dims, 0)
     assert {n for n, _ in biased.named_parameters() if n.endswith("bias")} == {
         "attn.qkv.bias", "attn.proj.bias", "mlp.gate.bias", "mlp.up.bias", "mlp.down.bias"
     }  # fmt: skip
@@ -175,7 +173,7 @@ def test_options_reach_the_block_through_the_experiment() -> None:
 
 
 def test_odd_head_width_is_an_option_error() -> None:
-    from slmkit.errors import ConfigError
+    from slmkit import ConfigError
 
     with pytest.raises(ConfigError, match=r"model\.n_heads: .*even head width"):
         build({"d_model": 30, "n_heads": 2})  # d_head = 15

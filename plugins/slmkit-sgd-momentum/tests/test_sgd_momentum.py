@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from slmkit.options import OptionValueError
+from slmkit import OptionValueError
 from slmkit.plugins import PluginManager
 
 from slmkit_sgd_momentum import (
@@ -55,7 +55,7 @@ def test_heavy_ball_two_steps_by_hand() -> None:
     # Step 1: v = [1, 2];                        p = [1, -2] - 0.5 [1, 2] = [0.5, -3]
     # Step 2: v = 0.5 [1, 2] + [0.5, -1] = [1, 0]; p = [0.5, -3] - 0.5 [1, 0] = [0, -3]
     p = torch.tensor(P0, requires_grad=True)
-    opt = build_sgd_momentum(kernel_groups(0.5, (p, True)), SGDMomentumOptions(momentum=0.5))
+    opt = build_sgd_momentum(SGDMomentumOptions(momentum=0.5), kernel_groups(0.5, (p, True)))
     step1, step2 = two_steps(opt, [p])
     assert step1 == [0.5, -3.0]
     assert step2 == [0.0, -3.0]
@@ -67,7 +67,7 @@ def test_nesterov_two_steps_by_hand() -> None:
     # Step 2: v = [1, 0]; p = [0.25, -3.5] - 0.5 ([0.5, -1] + 0.5 [1, 0]) = [-0.25, -3]
     p = torch.tensor(P0, requires_grad=True)
     options = SGDMomentumOptions(momentum=0.5, nesterov=True)
-    opt = build_sgd_momentum(kernel_groups(0.5, (p, True)), options)
+    opt = build_sgd_momentum(options, kernel_groups(0.5, (p, True)))
     step1, step2 = two_steps(opt, [p])
     assert step1 == [0.25, -3.5]
     assert step2 == [-0.25, -3.0]
@@ -75,7 +75,7 @@ def test_nesterov_two_steps_by_hand() -> None:
 
 def test_zero_momentum_is_plain_sgd() -> None:
     p = torch.tensor(P0, requires_grad=True)
-    opt = build_sgd_momentum(kernel_groups(0.5, (p, True)), SGDMomentumOptions(momentum=0.0))
+    opt = build_sgd_momentum(SGDMomentumOptions(momentum=0.0), kernel_groups(0.5, (p, True)))
     step1, step2 = two_steps(opt, [p])
     assert step1 == [0.5, -3.0]
     assert step2 == [0.25, -2.5]
@@ -88,7 +88,7 @@ def test_weight_decay_only_on_decay_groups() -> None:
     decayed = torch.tensor(P0, requires_grad=True)
     plain = torch.tensor(P0, requires_grad=True)
     options = SGDMomentumOptions(momentum=0.5, weight_decay=0.5)
-    opt = build_sgd_momentum(kernel_groups(0.5, (decayed, True), (plain, False)), options)
+    opt = build_sgd_momentum(options, kernel_groups(0.5, (decayed, True), (plain, False)))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
     two_steps(opt, [decayed, plain])
     exact(decayed.detach(), [-0.3125, -1.875])
@@ -138,7 +138,7 @@ def _train(
 def test_state_dict_round_trip_continues_identically(nesterov: bool) -> None:
     options = SGDMomentumOptions(momentum=0.9, weight_decay=0.01, nesterov=nesterov)
     model, x, y = _tiny_problem(0)
-    opt = build_sgd_momentum(_groups(model, 0.05), options)
+    opt = build_sgd_momentum(options, _groups(model, 0.05))
     _train(model, opt, x, y, 3)
 
     # save as slmkit's checkpoints do (torch.save, loaded back with weights_only=True)
@@ -149,7 +149,7 @@ def test_state_dict_round_trip_continues_identically(nesterov: bool) -> None:
 
     resumed_model, _, _ = _tiny_problem(1)  # different weights, overwritten below
     resumed_model.load_state_dict(saved["model"])
-    resumed = build_sgd_momentum(_groups(resumed_model, 0.05), options)
+    resumed = build_sgd_momentum(options, _groups(resumed_model, 0.05))
     resumed.load_state_dict(saved["optimizer"])
 
     expected = _train(model, opt, x, y, 4)

@@ -43,7 +43,6 @@ from typing import Any
 import attrs
 import slmkit
 import torch
-from slmkit.options import in_range, positive
 
 __version__ = "0.1.0"
 
@@ -143,9 +142,9 @@ class AttentionMapsOptions:
     """Options of ``attention_maps`` (keys of its ``[[forward_hooks]]`` table)."""
 
     #: crop to the first N positions (queries and keys); causal rows still sum to 1
-    max_tokens: int = attrs.field(default=64, validator=positive)
+    max_tokens: int = attrs.field(default=64, validator=slmkit.positive)
     #: pixels per attention weight, along each side
-    cell: int = attrs.field(default=4, validator=in_range(1, 32))
+    cell: int = attrs.field(default=4, validator=slmkit.in_range(1, 32))
     #: folder inside the run folder where the images go
     folder: str = "attention_maps"
 
@@ -163,7 +162,7 @@ class AttentionMaps:
         self.run_dir: Path | None = None
         self.captured: dict[str, torch.Tensor] = {}
 
-    def start(self, run: Any) -> None:
+    def start(self, run: slmkit.Run) -> None:
         """Learn where the run folder is."""
         self.run_dir = Path(run.run_dir)
 
@@ -200,6 +199,6 @@ class AttentionMaps:
 
 
 @slmkit.hookimpl
-def register_forward_hooks(register: Any) -> None:
+def register_forward_hooks(register: slmkit.Register) -> None:
     """Provide the ``attention_maps`` forward hook."""
     register(NAME, AttentionMaps, options=AttentionMapsOptions)

@@ -33,19 +33,11 @@ from typing import Any
 import attrs
 import slmkit
 import torch
-from slmkit.options import OptionValueError, in_range, non_negative
 
 __version__ = "0.1.0"
 
 #: the component name experiments use: ``[optimizer] name = "lion"``
 NAME = "lion"
-
-
-def _two_betas(instance: Any, attribute: attrs.Attribute[Any], value: list[float]) -> None:
-    if len(value) != 2:
-        raise OptionValueError(attribute.name, f"expected two numbers [beta1, beta2], got {value}")
-    for beta in value:
-        in_range(0, 1, high_open=True)(instance, attribute, beta)
 
 
 @attrs.define(frozen=True)
@@ -55,9 +47,9 @@ class LionOptions:
 
     #: ``[beta1, beta2]``: beta1 mixes momentum and gradient for the step, beta2 is the
     #: momentum's decay; each in [0, 1)
-    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.99], validator=_two_betas)
+    betas: list[float] = attrs.field(factory=lambda: [0.9, 0.99], validator=slmkit.two_betas)
     #: ``wd``: decoupled weight decay of the ``decay`` groups, >= 0; 0 turns it off
-    weight_decay: float = attrs.field(default=0.0, validator=non_negative)
+    weight_decay: float = attrs.field(default=0.0, validator=slmkit.non_negative)
 
 
 class Lion(torch.optim.Optimizer):
@@ -122,20 +114,13 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def build_lion(param_groups: list[dict[str, Any]], options: LionOptions) -> Lion:
+def build_lion(options: LionOptions, param_groups: list[dict[str, Any]]) -> Lion:
     """The factory slmkit calls: ``Lion`` over the kernel's parameter groups.
 
     Each kernel group has ``params``, ``lr`` and ``decay``; only ``decay`` groups get
     ``options.weight_decay``, the others a weight decay of 0.
     """
-    groups = [
-        {
-            "params": g["params"],
-            "lr": g["lr"],
-            "weight_decay": options.weight_decay if g["decay"] else 0.0,
-        }
-        for g in param_groups
-    ]
+    groups = slmkit.weight_decay_groups(param_groups, options.weight_decay)
     return Lion(
         groups,
         lr=param_groups[0]["lr"],  # the default only; every kernel group sets its own lr
@@ -145,6 +130,6 @@ def build_lion(param_groups: list[dict[str, Any]], options: LionOptions) -> Lion
 
 
 @slmkit.hookimpl
-def register_optimizers(register: Any) -> None:
+def register_optimizers(register: slmkit.Register) -> None:
     """Provide the ``lion`` optimizer."""
     register(NAME, build_lion, options=LionOptions)

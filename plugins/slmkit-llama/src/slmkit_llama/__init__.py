@@ -42,16 +42,11 @@ Hook points (the ``gpt`` block's, plus two): ``hook_resid_pre``, ``attn.hook_q/k
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import attrs
 import slmkit
 import torch
 import torch.nn.functional as F
-from slmkit.blocks import causal_mask, init_gpt2_weights
-from slmkit.components import BlockContext, ModelDims
-from slmkit.hooks import HookPoint
-from slmkit.options import OptionValueError, non_negative, positive
 from torch import nn
 
 __version__ = "0.1.0"
@@ -60,23 +55,18 @@ __version__ = "0.1.0"
 NAME = "llama"
 
 
-def _boolean(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, bool):
-        raise OptionValueError(attribute.name, f"must be true or false, got {value!r}")
-
-
 @attrs.define(frozen=True)
 class LlamaOptions:
     """Options of the ``llama`` block (keys of the ``[model]`` table)."""
 
     #: the RoPE base b: pair i of a head rotates by position * b^(-2i / d_head)
-    rope_base: float = attrs.field(default=10000.0, validator=positive)
+    rope_base: float = attrs.field(default=10000.0, validator=slmkit.positive)
     #: biases in the linear maps (LLaMA has none)
-    bias: bool = attrs.field(default=False, validator=_boolean)
+    bias: bool = attrs.field(default=False, validator=slmkit.boolean)
     #: SwiGLU hidden width; 0: round(8/3 * d_model) up to a multiple of 8
-    hidden_size: int = attrs.field(default=0, validator=non_negative)
+    hidden_size: int = attrs.field(default=0, validator=slmkit.non_negative)
     #: the RMSNorm epsilon
-    norm_eps: float = attrs.field(default=1e-5, validator=positive)
+    norm_eps: float = attrs.field(default=1e-5, validator=slmkit.positive)
 
 
 def swiglu_hidden_size(d_model: int, hidden_size: int = 0, multiple_of: int = 8) -> int:
@@ -144,7 +134,7 @@ class RMSNorm(nn.Module):
 class RotaryAttention(nn.Module):
     """Causal multi-head self-attention with rotary embeddings on queries and keys."""
 
-    def __init__(self, dims: ModelDims, options: LlamaOptions) -> None:
+    def __init__(self, dims: slmkit.ModelDims, options: LlamaOptions) -> None:
         super().__init__()
         self.n_heads, self.d_head = dims.n_heads, dims.d_head
         self.rope_base = options.rope_base
@@ -152,12 +142,15 @@ class RotaryAttention(nn.Module):
         self.proj = nn.Linear(dims.d_model, dims.d_model, bias=options.bias)
         self.dropout = dims.dropout
         self.resid_dropout = nn.Dropout(dims.dropout)
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
-        self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
-        self.hook_pattern = HookPoint()
-        self.hook_out = HookPoint()
+        self.hook_q = slmkit.HookPoint()
+        self.hook_k = slmkit.HookPoint()
+        self.hook_v = slmkit.HookPoint()
+        self.hook_rot_q = slmkit.HookPoint()
+        self.hook_rot_k = slmkit.HookPoint()
+        self.hook_pattern = slmkit.HookPoint()
+        self.hook_out = slmkit.HookPoint()
 
-    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: slmkit.BlockContext) -> torch.Tensor:
         batch, time, d_model = x.shape
         q, k, v = (
             t.view(batch, time, self.n_heads, self.d_head).transpose(1, 2)
@@ -181,27 +174,29 @@ class RotaryAttention(nn.Module):
         n_queries, n_keys = q.shape[2], k.shape[2]
         if n_queries == n_keys:  # training, or the first step of generation
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        mask = None if n_queries == 1 else causal_mask(n_queries, n_keys, q.device)
+        mask = None if n_queries == 1 else slmkit.causal_mask(n_queries, n_keys, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
     def _pattern(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Attention weights ``(batch, n_heads, queries, keys)``; each row sums to 1."""
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)
-        mask = causal_mask(q.shape[2], k.shape[2], q.device)
+        mask = slmkit.causal_mask(q.shape[2], k.shape[2], q.device)
         return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
 
 class SwiGLU(nn.Module):
     """The gated MLP: ``W_down (silu(W_gate x) * (W_up x))``."""
 
-    def __init__(self, dims: ModelDims, options: LlamaOptions) -> None:
+    def __init__(self, dims: slmkit.ModelDims, options: LlamaOptions) -> None:
         super().__init__()
         hidden = swiglu_hidden_size(dims.d_model, options.hidden_size)
         self.gate = nn.Linear(dims.d_model, hidden, bias=options.bias)
         self.up = nn.Linear(dims.d_model, hidden, bias=options.bias)
         self.down = nn.Linear(hidden, dims.d_model, bias=options.bias)
         self.dropout = nn.Dropout(dims.dropout)
-        self.hook_pre, self.hook_pre_linear, self.hook_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_pre = slmkit.HookPoint()
+        self.hook_pre_linear = slmkit.HookPoint()
+        self.hook_post = slmkit.HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.hook_pre(self.gate(x))
@@ -216,30 +211,30 @@ class LlamaBlock(nn.Module):
     #: positions are encoded by rotating q and k: the model needs no position table
     learned_positions = False
 
-    def __init__(self, dims: ModelDims, options: LlamaOptions, layer: int) -> None:
+    def __init__(self, options: LlamaOptions, dims: slmkit.ModelDims, layer: int) -> None:
         super().__init__()
         if dims.d_head % 2:
-            raise OptionValueError(
+            raise slmkit.OptionValueError(
                 "n_heads",
                 f"the llama block needs an even head width d_model / n_heads for its "
                 f"rotary embeddings, got {dims.d_model} / {dims.n_heads} = {dims.d_head}",
             )
         self.layer = layer
-        self.hook_resid_pre = HookPoint()
+        self.hook_resid_pre = slmkit.HookPoint()
         self.norm_1 = RMSNorm(dims.d_model, options.norm_eps)
         self.attn = RotaryAttention(dims, options)
         self.norm_2 = RMSNorm(dims.d_model, options.norm_eps)
         self.mlp = SwiGLU(dims, options)
-        self.hook_resid_post = HookPoint()
-        init_gpt2_weights(self, (self.attn.proj, self.mlp.down), dims.n_layers)
+        self.hook_resid_post = slmkit.HookPoint()
+        slmkit.init_gpt2_weights(self, (self.attn.proj, self.mlp.down), dims.n_layers)
 
-    def forward(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: slmkit.BlockContext) -> torch.Tensor:
         x = self.hook_resid_pre(x)
         x = x + self.attn(self.norm_1(x), ctx)
         return self.hook_resid_post(x + self.mlp(self.norm_2(x)))
 
 
 @slmkit.hookimpl
-def register_blocks(register: Any) -> None:
+def register_blocks(register: slmkit.Register) -> None:
     """Provide the ``llama`` block."""
     register(NAME, LlamaBlock, options=LlamaOptions)

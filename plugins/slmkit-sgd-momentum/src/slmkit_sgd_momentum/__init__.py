@@ -37,18 +37,11 @@ from typing import Any
 import attrs
 import slmkit
 import torch
-from slmkit.options import OptionValueError, in_range, non_negative
 
 __version__ = "0.1.0"
 
 #: the component name experiments use: ``[optimizer] name = "sgd_momentum"``
 NAME = "sgd_momentum"
-
-
-def _boolean(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    """Require a real boolean (slmkit's strict TOML structuring already ensures it)."""
-    if not isinstance(value, bool):
-        raise OptionValueError(attribute.name, f"must be true or false, got {value!r}")
 
 
 @attrs.define(frozen=True)
@@ -57,11 +50,11 @@ class SGDMomentumOptions:
     and ``learning_rate``)."""
 
     #: ``mu``: the fraction of the velocity kept each step, in [0, 1); 0 is plain SGD
-    momentum: float = attrs.field(default=0.9, validator=in_range(0, 1, high_open=True))
+    momentum: float = attrs.field(default=0.9, validator=slmkit.in_range(0, 1, high_open=True))
     #: ``wd``: decoupled weight decay of the ``decay`` groups, >= 0; 0 turns it off
-    weight_decay: float = attrs.field(default=0.0, validator=non_negative)
+    weight_decay: float = attrs.field(default=0.0, validator=slmkit.non_negative)
     #: step along ``g + mu * v`` (Nesterov's look-ahead) instead of ``v`` (heavy ball)
-    nesterov: bool = attrs.field(default=False, validator=_boolean)
+    nesterov: bool = attrs.field(default=False, validator=slmkit.boolean)
 
 
 class SGDMomentum(torch.optim.Optimizer):
@@ -137,21 +130,14 @@ class SGDMomentum(torch.optim.Optimizer):
 
 
 def build_sgd_momentum(
-    param_groups: list[dict[str, Any]], options: SGDMomentumOptions
+    options: SGDMomentumOptions, param_groups: list[dict[str, Any]]
 ) -> SGDMomentum:
     """The factory slmkit calls: ``SGDMomentum`` over the kernel's parameter groups.
 
     Each kernel group has ``params``, ``lr`` and ``decay``; only ``decay`` groups get
     ``options.weight_decay``, the others a weight decay of 0.
     """
-    groups = [
-        {
-            "params": g["params"],
-            "lr": g["lr"],
-            "weight_decay": options.weight_decay if g["decay"] else 0.0,
-        }
-        for g in param_groups
-    ]
+    groups = slmkit.weight_decay_groups(param_groups, options.weight_decay)
     return SGDMomentum(
         groups,
         lr=param_groups[0]["lr"],  # the default only; every kernel group sets its own lr
@@ -162,6 +148,6 @@ def build_sgd_momentum(
 
 
 @slmkit.hookimpl
-def register_optimizers(register: Any) -> None:
+def register_optimizers(register: slmkit.Register) -> None:
     """Provide the ``sgd_momentum`` optimizer (the only hook this plugin implements)."""
     register(NAME, build_sgd_momentum, options=SGDMomentumOptions)

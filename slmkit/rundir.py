@@ -1,0 +1,94 @@
+"""The run folder: its name, the files written when it opens, and atomic writes.
+
+    runs/<run_id>/            run_id = <UTC time>-<experiment name>-<4 hex digits>
+        experiment.toml       the resolved experiment
+        tokenizer.json        the tokenizer's name and state
+        log.jsonl             the events (slmkit.runlog)
+        checkpoints/          step_<N>.pt and latest.pt (slmkit.checkpoint)
+
+Every file slmkit writes goes through :func:`atomic_file`: a crash leaves the old file or
+the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from slmkit.errors import RunError
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A binary file to write that replaces ``path`` only once it is complete on disk.
+
+    It is a temporary file in the same folder, flushed and fsynced, then renamed over
+    ``path`` (rename is atomic within one file system). On any error the temporary file
+    is removed and ``path`` is untouched.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically."""
+    with atomic_file(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk, where the platform allows."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported everywhere (e.g. Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_run_id(name: str) -> str:
+    """``<UTC time>-<experiment name>-<4 hex digits>``: sortable and unique enough."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+    return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{slug}-{secrets.token_hex(2)}"
+
+
+def create_run_dir(runs_dir: Path, name: str) -> tuple[str, Path]:
+    """A fresh folder under ``runs_dir`` and its run id.
+
+    A taken name (same second, same random digits) is drawn again rather than reused.
+    """
+    for _ in range(8):
+        run_id = new_run_id(name)
+        run_dir = runs_dir / run_id
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise RunError(f"cannot create the run folder {run_dir}: {exc}") from None
+        return run_id, run_dir
+    raise RunError(f"cannot find a free run folder name in {runs_dir}")
+
+
+def write_run_files(run_dir: Path, experiment_toml: str, tokenizer: dict[str, Any]) -> None:
+    """What a run folder holds from its start: the experiment, the tokenizer, checkpoints/."""
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    write_atomic(run_dir / "experiment.toml", experiment_toml)
+    write_atomic(run_dir / "tokenizer.json", json.dumps(tokenizer, indent=1) + "\n")

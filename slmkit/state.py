@@ -1,0 +1,209 @@
+"""What a checkpoint holds: the one place that saves, restores and checks a run's state.
+
+A checkpoint is everything a bit-exact resume needs, as tensors and plain values: the
+model, optimizer, schedule, data position, update hooks and grad scaler states, every
+RNG state, the counters of :class:`TrainState`, and the resolved experiment and tokenizer
+(so ``slmkit eval`` and ``sample`` rebuild the model from the file alone). Resuming checks
+that the experiment is the same but for :data:`RESUMABLE_CHANGES`, and the world size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from slmkit import __version__, checkpoint
+from slmkit.components import Schedule, Tokenizer
+from slmkit.config.diff import changed_keys
+from slmkit.config.resolve import experiment_from_dict
+from slmkit.config.schema import Experiment
+from slmkit.data import BatchStream
+from slmkit.distributed import World
+from slmkit.errors import CheckpointError, RunError
+from slmkit.hooks import UpdateHooks
+from slmkit.model import LanguageModel
+from slmkit.plugins import PluginManager
+from slmkit.progress import Console
+from slmkit.run import Run
+from slmkit.runlog import environment
+from slmkit.stepper import Stepper
+
+#: experiment keys a resumed run may change
+RESUMABLE_CHANGES = ("training.max_steps",)
+
+
+def tokenizer_record(exp: Experiment, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What ``tokenizer.json`` and checkpoints hold: the component name and its state."""
+    return {"name": exp.tokenizer.name, "state": tokenizer.state_dict()}
+
+
+@attrs.define
+class Resume:
+    """A checkpoint to resume from: where it is and what it holds."""
+
+    path: Path
+    payload: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder the checkpoint belongs to (the resumed run writes there)."""
+        return checkpoint.run_dir_of(self.path)
+
+    @property
+    def run_id(self) -> str:
+        """The run id it was written under."""
+        return str(self.payload.get("run_id") or self.run_dir.name)
+
+
+def load_resume(
+    resume: str | Path, exp: Experiment, manager: PluginManager, world: World, console: Console
+) -> Resume:
+    """The newest good checkpoint of ``resume``, if its experiment matches ``exp``.
+
+    Under torchrun rank 0 reads it and sends it to the others, so only rank 0's machine
+    needs the run folder.
+    """
+
+    def load() -> tuple[str, dict[str, Any], list[str]]:
+        path, payload, skipped = checkpoint.load_newest_good(resume)
+        return str(path), payload, skipped
+
+    name, payload, skipped = world.from_main(load)
+    path = Path(name)
+    for problem in skipped:
+        console.say(f"warning: {problem}; skipping it")
+    if skipped:
+        console.say(f"resuming from {path}, the newest good checkpoint")
+    # Resolved again, so keys added (with defaults) since the checkpoint was written do not
+    # count as changes.
+    saved = experiment_from_dict(payload["experiment"], manager, f"{path} (experiment)")
+    changed = [
+        k for k in changed_keys(saved.to_dict(), exp.to_dict()) if k not in RESUMABLE_CHANGES
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{path}: the experiment differs from the checkpoint's in "
+            f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may change"
+        )
+    saved_ranks = int(payload.get("world_size", 1))
+    if saved_ranks != world.world_size:
+        raise CheckpointError(
+            f"{path}: written by a run of {saved_ranks} rank(s), this one has "
+            f"{world.world_size}; resume with the same number of ranks (the global "
+            "batch and every rank's RNG state depend on it); slmkit eval and sample read "
+            "it in any single process"
+        )
+    return Resume(path, payload)
+
+
+@attrs.define(eq=False)
+class TrainState:
+    """The state of a run between steps, and its checkpoints."""
+
+    exp: Experiment
+    world: World
+    device: torch.device
+    model: LanguageModel
+    tokenizer: Tokenizer
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    stream: BatchStream
+    stepper: Stepper
+    update_hooks: UpdateHooks | None = None
+    #: optimizer steps taken
+    step: int = 0
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+
+    def record_eval(self, val_loss: float) -> None:
+        """Remember a validation loss (the latest and the best so far)."""
+        self.last_val_loss = val_loss
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+
+    def payload(
+        self, run_id: str, rng_per_rank: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Everything a bit-exact resume needs, as tensors and plain values.
+
+        A run under torchrun adds ``world_size`` and ``rng_per_rank`` (every rank's RNG
+        states, gathered to rank 0); its model weights are the unwrapped model's.
+        """
+        scaler = self.stepper.precision.scaler
+        payload = {
+            "format": checkpoint.FORMAT_VERSION,
+            "slmkit_version": __version__,
+            "run_id": run_id,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else {},
+            "data": self.stream.state_dict(),
+            "update_hooks": self.update_hooks.state_dict() if self.update_hooks else [],
+            "grad_scaler": scaler.state_dict() if scaler else {},
+            "rng": checkpoint.rng_state(),
+            "experiment": self.exp.to_dict(),
+            "tokenizer": tokenizer_record(self.exp, self.tokenizer),
+            "best_val_loss": self.best_val_loss,
+            "last_val_loss": self.last_val_loss,
+            "skipped_steps": self.stepper.skipped_steps,
+            "environment": environment(self.device),
+        }
+        if self.world.launched:
+            payload["world_size"] = self.world.world_size
+            payload["rng_per_rank"] = rng_per_rank
+        return payload
+
+    def restore(self, payload: dict[str, Any], console: Console) -> None:
+        """Load a checkpoint's states into the live parts; the RNG states last."""
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if hasattr(self.schedule, "load_state_dict") and payload.get("schedule"):
+            self.schedule.load_state_dict(payload["schedule"])
+        self.stream.load_state_dict(payload["data"])
+        if self.update_hooks is not None:
+            self.update_hooks.load_state_dict(payload["update_hooks"])
+        scaler = self.stepper.precision.scaler
+        if scaler is not None and payload.get("grad_scaler"):
+            scaler.load_state_dict(payload["grad_scaler"])
+        self.step = int(payload["step"])
+        self.stepper.skipped_steps = int(payload.get("skipped_steps", 0))
+        self.best_val_loss = payload.get("best_val_loss")
+        self.last_val_loss = payload.get("last_val_loss")
+        saved_threads = payload.get("environment", {}).get("num_threads")
+        if saved_threads is not None and saved_threads != torch.get_num_threads():
+            console.say(
+                f"warning: the checkpoint was written with {saved_threads} threads, this "
+                f"process uses {torch.get_num_threads()}: losses may differ in the last bits"
+            )
+        # A run of N ranks saved every rank's RNG state; a single process saved one.
+        per_rank = payload.get("rng_per_rank")
+        rng = per_rank[self.world.rank] if per_rank is not None else payload["rng"]
+        checkpoint.set_rng_state(rng)  # last: nothing may draw after this
+
+    def save(self, run: Run) -> Path:
+        """Write ``step_<N>.pt`` atomically, point ``latest.pt`` at it, prune old ones.
+
+        Under torchrun every rank calls it (their RNG states are gathered) and rank 0
+        writes. Logs a ``checkpoint`` event; returns the path.
+        """
+        folder = run.run_dir / "checkpoints"
+        path = folder / f"step_{self.step}.pt"
+        rngs = self.world.gather(checkpoint.rng_state()) if self.world.launched else None
+
+        def write() -> None:
+            try:
+                checkpoint.atomic_save(self.payload(run.run_id, rngs), path)
+                checkpoint.point_latest(path)
+            except OSError as exc:  # disk full, permissions...: the previous files are intact
+                raise RunError(
+                    f"could not write checkpoint {path}: {exc}; {checkpoint.kept_note(run.run_dir)}"
+                ) from exc
+            checkpoint.prune(folder, self.exp.training.keep_checkpoints)
+
+        self.world.from_main(write)
+        run.log("checkpoint", step=self.step, path=str(path.relative_to(run.run_dir)))
+        return path

@@ -1,0 +1,184 @@
+"""One optimizer step: micro-batches, precision, gradient sync, hooks, the update.
+
+    for each micro-batch:  forward (autocast; forward hooks watch the first) -> backward
+    then:                  update hooks -> finite? -> optimizer.step() -> zero_grad
+
+:class:`Precision` decides the autocast dtype and, for fp16, the gradient scaler.
+:class:`Stepper` owns the training-mode model: wrapped in DDP under torchrun (gradients
+are all-reduced on the last micro-batch only) and compiled when asked, falling back to
+eager once, with a warning, where compiling fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import attrs
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from slmkit.checkpoint import kept_note
+from slmkit.components import Schedule
+from slmkit.config.schema import Experiment
+from slmkit.data import BatchStream
+from slmkit.distributed import World
+from slmkit.errors import ConfigError, HookFailure, RunError, first_line
+from slmkit.hooks import ForwardHooks, UpdateHooks
+from slmkit.model import LanguageModel
+from slmkit.progress import Console
+from slmkit.run import Run
+
+
+@attrs.define
+class Precision:
+    """The autocast dtype of forward passes (None: fp32) and fp16's gradient scaler."""
+
+    dtype: torch.dtype | None
+    device: torch.device
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def of(cls, exp: Experiment, device: torch.device) -> Precision:
+        """``training.precision`` on ``device``; fp16 needs CUDA."""
+        precision = exp.training.precision
+        if precision == "fp32":
+            return cls(None, device)
+        if precision == "bf16":
+            return cls(torch.bfloat16, device)
+        if device.type != "cuda":
+            raise ConfigError(
+                exp.source, "training.precision",
+                f'"fp16" needs a CUDA device (this run is on {device}); use "bf16"',
+            )  # fmt: skip
+        return cls(torch.float16, device, torch.amp.GradScaler("cuda"))
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed precision for a forward pass (a no-op for fp32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+class Stepper:
+    """Takes optimizer steps: set the learning rate, then :meth:`step`."""
+
+    def __init__(
+        self,
+        exp: Experiment,
+        model: LanguageModel,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        stream: BatchStream,
+        precision: Precision,
+        world: World,
+        console: Console,
+        forward_hooks: ForwardHooks | None = None,
+        update_hooks: UpdateHooks | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.schedule, self.stream = model, optimizer, schedule, stream
+        self.precision, self.world, self.console = precision, world, console
+        self.forward_hooks, self.update_hooks = forward_hooks, update_hooks
+        self.accum_steps = exp.training.grad_accum_steps
+        self.on_nonfinite = exp.training.on_nonfinite
+        self.device = precision.device
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.skipped_steps = 0
+        # DDP wraps the model for training passes only; evaluation, sampling, hooks and
+        # checkpoints use the model itself (so state dicts have no "module." prefix).
+        self.ddp: DistributedDataParallel | None = None
+        if world.launched:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(model, device_ids=ids)
+        self.train_module: torch.nn.Module = self.ddp if self.ddp is not None else model
+        self.compiled: Any = torch.compile(self.train_module) if exp.training.compile else None
+        self._compile_ok = False
+
+    def set_lr(self, step: int) -> float:
+        """Apply the schedule's multiplier for ``step`` (from 0); the first group's lr."""
+        factor = self.schedule(step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        return self.base_lrs[0] * factor
+
+    def step(self, run: Run, step: int, log_now: bool) -> torch.Tensor:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; the mean loss."""
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum_steps):
+            x, y = self._next_batch()
+            hooks = self.forward_hooks if micro == 0 else None  # watch the first micro-batch
+            watch = hooks.watching(run, "train", step) if hooks else contextlib.nullcontext()
+            with self._grad_sync(micro == self.accum_steps - 1):
+                with watch, self.precision.autocast():
+                    _, loss = self._forward(run, x, y)
+                assert loss is not None
+                loss = loss / self.accum_steps  # gradients add up to those of the mean loss
+                scaler = self.precision.scaler
+                (scaler.scale(loss) if scaler else loss).backward()
+            total += loss.detach()
+        self._update(run, step, total, log_now)
+        return total
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.stream.next_batch()
+        if self.device.type == "cuda":  # page-locked, so the copies below run async
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _update(self, run: Run, step: int, loss: torch.Tensor, log_now: bool) -> None:
+        """Update hooks, then the optimizer step, unless the step is not finite."""
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # update hooks see the true gradients
+        if self.update_hooks is not None:
+            for entry, metrics in self.update_hooks.apply(step, log_now):
+                run.log("update_hook", step=step, name=entry.name, metrics=metrics)
+        if scaler is not None:  # fp16: the scaler skips steps with inf/NaN itself
+            scaler.step(self.optimizer)
+            scaler.update()
+        elif self._finite(loss):
+            self.optimizer.step()
+        elif self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            run.log("nonfinite_skipped", step=step, skipped_steps=self.skipped_steps)
+            self.console.say(f"step {step}: non-finite loss or gradient; update skipped")
+        else:
+            raise RunError(
+                f"non-finite loss or gradient at step {step}: stopped "
+                f"({kept_note(run.run_dir)}); "
+                'training.on_nonfinite = "skip" would skip such steps instead'
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss and every gradient are finite (one device read), on every rank."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        return self.world.all_true(bool(torch.isfinite(loss.detach()) & torch.isfinite(total)))
+
+    def _grad_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[Any]:
+        """DDP all-reduces gradients on the last micro-batch of a step only (``no_sync``)."""
+        if self.ddp is None or last_micro_batch:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+    def _forward(
+        self, run: Run, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model (DDP-wrapped under torchrun), compiled if asked; falls back if needed."""
+        if self.compiled is None:
+            return self.train_module(x, y)
+        if self._compile_ok:
+            return self.compiled(x, y)
+        try:
+            out = self.compiled(x, y)
+        except HookFailure:
+            raise
+        except Exception as exc:  # no C++ compiler, unsupported platform...
+            self.compiled = None
+            error = first_line(exc)
+            self.console.say(f"warning: torch.compile failed, training uncompiled: {error}")
+            run.log("compile_failed", error=error)
+            return self.train_module(x, y)
+        self._compile_ok = True
+        return out
