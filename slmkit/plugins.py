@@ -19,9 +19,9 @@ from typing import Any
 import attrs
 import pluggy
 
-from slmkit import hookspecs
+from slmkit import hookspecs, kinds
 from slmkit.errors import HookFailure, PluginError
-from slmkit.kinds import KINDS, Kind
+from slmkit.kinds import Kind
 from slmkit.options import NoOptions
 from slmkit.registry import Component, Registry
 
@@ -120,7 +120,7 @@ class PluginManager:
         self._environ = os.environ if environ is None else environ
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
-        self.registry = Registry([kind.name for kind in KINDS])
+        self.registry = Registry([kind.name for kind in kinds.KINDS])
         self.plugins: dict[str, PluginInfo] = {}
         self._loaded = False
 
@@ -237,7 +237,7 @@ class PluginManager:
         return problems
 
     def _register_components(self, plugin: object, plugin_name: str) -> None:
-        for kind in KINDS:
+        for kind in kinds.KINDS:
             for impl in getattr(self.pm.hook, kind.hook).get_hookimpls():
                 if impl.plugin is plugin:
                     register = self._registrar(kind, plugin_name)

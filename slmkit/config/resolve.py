@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from slmkit import kinds
 from slmkit.config.reading import apply_overrides, read_toml
 from slmkit.config.schema import (
     SECTION_TABLES,
@@ -25,7 +26,7 @@ from slmkit.config.schema import (
 )
 from slmkit.config.structure import structure, type_name, unknown_key_message
 from slmkit.errors import ConfigError, SlmkitError
-from slmkit.kinds import KINDS, Kind
+from slmkit.kinds import Kind
 from slmkit.plugins import PluginManager
 
 #: tables that pick no component
@@ -39,7 +40,7 @@ _PLAIN_TABLES: dict[str, type] = {
 
 def tables() -> tuple[str, ...]:
     """Every table an experiment file may hold, in the order dumps show them."""
-    return (*SECTION_TABLES, *(kind.table for kind in KINDS if kind.many))
+    return (*SECTION_TABLES, *(kind.table for kind in kinds.KINDS if kind.many))
 
 
 def load_experiment(
@@ -72,7 +73,7 @@ def experiment_from_dict(
         raise ConfigError(source, None, str(exc)) from None  # the message names the key
 
     arrays: dict[str, tuple[Any, ...]] = {}
-    for kind in KINDS:
+    for kind in kinds.KINDS:
         if not kind.many:
             table = data.get(kind.table, {})
             sections[kind.table] = _resolve(kind, table, manager, participants, source, kind.table)
