@@ -14,10 +14,11 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from slmkit.errors import CheckpointError
 from slmkit.rundir import atomic_file, fsync_dir
@@ -186,7 +187,11 @@ def seed_all(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a run may draw from: torch (CPU and CUDA), Python, NumPy."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # numpy's stubs type the no-argument call as the dict form; the default (legacy=True)
+    # returns the MT19937 tuple
+    kind, keys, pos, has_gauss, cached = cast(
+        "tuple[str, NDArray[np.uint32], int, int, float]", np.random.get_state()
+    )
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

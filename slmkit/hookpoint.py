@@ -34,7 +34,7 @@ class HookPoint(nn.Module):
         """Whether any hook is attached (blocks use it to skip optional work)."""
         return bool(self.observers)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # Deliberately not nn.Module.__call__: a point nobody watches costs one check.
         if self.observers:
             detached = x.detach()

@@ -77,7 +77,8 @@ class LanguageModel(nn.Module):
         pulls them towards zero without regularising anything.
         """
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in self.parameters():
             if not p.requires_grad:
                 continue

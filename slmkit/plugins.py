@@ -9,6 +9,7 @@ define, is recorded as broken with its error, and every other plugin keeps worki
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -136,7 +137,7 @@ class PluginManager:
         for module_path in self._default_plugins:
             self._load_one(
                 module_path,
-                lambda m=module_path: importlib.import_module(m),
+                functools.partial(importlib.import_module, module_path),
                 version=__version__,
                 builtin=True,
                 source="builtin",

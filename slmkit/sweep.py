@@ -18,7 +18,9 @@ from slmkit.rundir import new_run_id
 
 def split_values(raw: str) -> list[str]:
     """``"1,[2, 3],'a,b'"`` -> ``["1", "[2, 3]", "'a,b'"]``: top-level commas only."""
-    values, depth, quote, current = [], 0, "", []
+    values: list[str] = []
+    current: list[str] = []
+    depth, quote = 0, ""
     for char in raw:
         if quote:
             quote = "" if char == quote else quote

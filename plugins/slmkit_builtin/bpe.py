@@ -39,7 +39,7 @@ from __future__ import annotations
 import codecs
 import heapq
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 import numpy as np
@@ -55,7 +55,7 @@ UNUSED_ID_BYTES = b"\xff"
 # -- UTF-8 with surrogates: encode with surrogatepass, decode with surrogatepass-or-replace
 
 
-def _surrogatepass_or_replace(exc: UnicodeError) -> tuple[str, int]:
+def _surrogatepass_or_replace(exc: UnicodeError) -> tuple[str | bytes, int]:
     """Decode an encoded lone surrogate to itself; anything else invalid to U+FFFD."""
     try:
         return codecs.lookup_error("surrogatepass")(exc)
@@ -271,7 +271,7 @@ class BPETokenizer:
         self._rebuild()
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -130,7 +130,7 @@ def unstructure_section(section: Any) -> dict[str, Any]:
 
     ``component`` (the resolved registry entry) is bookkeeping, not configuration.
     """
-    out = {}
+    out: dict[str, Any] = {}
     for field in attrs.fields(type(section)):
         value = getattr(section, field.name)
         if field.name == "options":
