@@ -108,6 +108,15 @@ class Data:
     #: this rank's part of each validation batch
     val_share: list[tuple[torch.Tensor, torch.Tensor]]
 
+    def describe(self, corpus: str) -> dict[str, Any]:
+        """What the run log records about the data (``corpus`` names the component)."""
+        s = self.splits
+        return {
+            "corpus": {"name": corpus, "sha256": s.corpus_sha256, "chars": s.n_chars},
+            "train_tokens": len(s.train),
+            "val_tokens": len(s.val),
+        }
+
 
 def read_experiment_corpus(exp: Experiment) -> str:
     """The corpus text; corpus problems become errors naming the file and the data key."""

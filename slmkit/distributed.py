@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from slmkit.errors import ConfigError, SlmkitError
+from slmkit.errors import ConfigError, RunError, SlmkitError, first_line
 
 T = TypeVar("T")
 
@@ -137,6 +137,20 @@ class World:
             dist.destroy_process_group()
 
     # -- collectives (each returns its input in a single process) -----------------------
+
+    def lost_contact(self, exc: BaseException, step: int, kept: str) -> RunError | None:
+        """The error to report when ``exc`` says another rank died or hung; else None.
+
+        ``kept`` says what the run left on disk (the intact checkpoint).
+        """
+        if not (self.launched and is_lost_peer(exc)):
+            return None
+        # torchrun's own report names the rank that died.
+        return RunError(
+            f"{self.label}lost contact with the other ranks at step {step} ({first_line(exc)}): "
+            "a rank died or stopped responding (torchrun's report names it); "
+            f"{kept}"
+        )
 
     def from_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and hand every rank its result.

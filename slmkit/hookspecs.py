@@ -11,7 +11,6 @@ Implementations may accept any subset of a spec's arguments, by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -19,6 +18,7 @@ import pluggy
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from slmkit.components import Register
     from slmkit.run import Run
 
 PROJECT_NAME = "slmkit"
@@ -26,16 +26,13 @@ PROJECT_NAME = "slmkit"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-#: ``register(name, factory, options=OptionsClass)``: the callable handed to every
-#: registration hook. ``options`` is an attrs class (default: no options); the kernel
-#: structures the component's TOML table into it and passes the instance to ``factory``.
-Register = Callable[..., None]
-
-
 # ---------------------------------------------------------------------------------------
 # Registration hooks: called once per plugin when the component registry is built.
-# Each receives a ``register`` callable; see the component protocols in
-# ``slmkit.components`` for what each ``factory`` must return.
+# Each receives ``register(name, factory, options=OptionsClass)`` (:class:`slmkit.Register`):
+# ``options`` is an attrs class (default: no options); the kernel structures the
+# component's TOML table into it and passes the instance to ``factory`` as its first
+# argument. The factory types (``slmkit.BlockFactory``...) say what each must return; the
+# kinds table (``slmkit/kinds.py``) says which experiment table picks each kind.
 # ---------------------------------------------------------------------------------------
 
 
@@ -43,7 +40,7 @@ Register = Callable[..., None]
 def register_tokenizers(register: Register) -> None:
     """Register tokenizer components.
 
-    Called once at start-up. ``factory(options)`` returns a :class:`~slmkit.components.Tokenizer`.
+    Called once at start-up. ``factory(options)`` returns a :class:`slmkit.Tokenizer`.
     The experiment picks one with ``[tokenizer] name = "..."``.
     """
 
@@ -81,7 +78,7 @@ def register_schedules(register: Register) -> None:
     """Register learning-rate schedule components.
 
     Called once at start-up. ``factory(options, max_steps)`` returns a
-    :class:`~slmkit.components.Schedule`: a multiplier of the base learning rate per step.
+    :class:`slmkit.Schedule`: a multiplier of the base learning rate per step.
     The experiment picks one with ``[schedule] name = "..."``.
     """
 
@@ -91,7 +88,7 @@ def register_corpora(register: Register) -> None:
     """Register corpus components (where the training text comes from).
 
     Called once at start-up. ``factory(options)`` returns a
-    :class:`~slmkit.components.Corpus`. The experiment picks one with
+    :class:`slmkit.Corpus`. The experiment picks one with
     ``[data] corpus = "..."``; the other keys of ``[data]`` are the corpus's options.
     """
 
@@ -116,7 +113,7 @@ def register_update_hooks(register: Register) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Run events: observers, like Lightning callbacks. Called only on the plugins that take
-# part in the run; return values are ignored. ``run`` is the live :class:`slmkit.train.Run`
+# part in the run; return values are ignored. ``run`` is the live :class:`slmkit.Run`
 # (run_id, run_dir, experiment, model, tokenizer and ``run.log(event, **fields)``).
 # ---------------------------------------------------------------------------------------
 

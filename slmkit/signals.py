@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
 from slmkit.distributed import World
+from slmkit.errors import RunInterrupted
+from slmkit.run import Run
 
 
 class StopSignals:
@@ -44,6 +47,23 @@ class StopSignals:
         if self.received is not None and signum == signal.SIGINT and not self.world.launched:
             raise KeyboardInterrupt
         self.received = signum
+
+    def interrupted(self, run: Run, step: int, path: Path, resume: str) -> RunInterrupted:
+        """Log ``run_interrupted``; the error that ends the run (exit code 128 + signal).
+
+        ``path`` is the checkpoint saved at ``step``; ``resume`` the command that resumes.
+        """
+        assert self.received is not None
+        name, code = signal.Signals(self.received).name, 128 + self.received
+        run.log("run_interrupted", step=step, signal=name, checkpoint=str(path))
+        if not self.world.is_main:
+            message = (
+                f"{name} at step {step} on rank {self.world.rank}; rank 0 saved the checkpoint"
+            )
+            return RunInterrupted(message, exit_code=code)
+        if self.world.launched:
+            resume = f"torchrun <the same options> -m {resume}"
+        return RunInterrupted(f"{name} at step {step}: saved {path}; resume with: {resume}", code)
 
     def agreed(self) -> int | None:
         """The signal every rank acts on: one any rank received (a collective read)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -33,8 +32,8 @@ from slmkit.build import (
     resolve_device,
 )
 from slmkit.config.schema import Experiment
-from slmkit.distributed import World, is_lost_peer
-from slmkit.errors import HookFailure, RunError, RunInterrupted, first_line
+from slmkit.distributed import World
+from slmkit.errors import HookFailure, RunError
 from slmkit.evaluate import Evaluator, bits_per_char, log_sample
 from slmkit.plugins import PluginManager, RunEvents
 from slmkit.progress import Console, StepMeter
@@ -228,24 +227,12 @@ class Trainer:
 
     def _stop(self, run: Run, saved: bool) -> NoReturn:
         """Save (unless this step just did) and raise :class:`RunInterrupted`."""
-        signum, step = self.stop.received, self.state.step
-        assert signum is not None
-        name = signal.Signals(signum).name
+        step = self.state.step
         path = run.run_dir / "checkpoints" / f"step_{step}.pt"
         if not saved:
             path = self.save_checkpoint(run)
-        run.log("run_interrupted", step=step, signal=name, checkpoint=str(path))
-        if not self.world.is_main:
-            raise RunInterrupted(
-                f"{name} at step {step} on rank {self.world.rank}; rank 0 saved the checkpoint",
-                exit_code=128 + signum,
-            )
-        command = f"slmkit run {self.source} --resume {run.run_dir}"
-        if self.world.launched:
-            command = f"torchrun <the same options> -m {command}"
-        raise RunInterrupted(
-            f"{name} at step {step}: saved {path}; resume with: {command}", exit_code=128 + signum
-        )
+        resume = f"slmkit run {self.source} --resume {run.run_dir}"
+        raise self.stop.interrupted(run, step, path, resume)
 
     @contextlib.contextmanager
     def _reported(self, run: Run) -> Iterator[None]:
@@ -262,16 +249,12 @@ class Trainer:
                 raise RunError(self.world.label + str(exc)) from exc
             raise
         except RuntimeError as exc:
-            if not (self.world.launched and is_lost_peer(exc)):
+            kept = checkpoint.kept_note(run.run_dir)
+            lost = self.world.lost_contact(exc, self.current_step, kept)
+            if lost is None:
                 raise
-            # Another rank died or hung: torchrun's own report names it.
-            message = (
-                f"{self.world.label}lost contact with the other ranks at step {self.current_step} "
-                f"({first_line(exc)}): a rank died or stopped responding (torchrun's report "
-                f"names it); {checkpoint.kept_note(run.run_dir)}"
-            )
-            run.log("run_failed", step=self.current_step, error=message)
-            raise RunError(message) from None
+            run.log("run_failed", step=self.current_step, error=str(lost))
+            raise lost from None
         finally:
             self.console.close()
             run.logger.close()
@@ -295,7 +278,7 @@ class Trainer:
         return Run(run_id, run_dir, exp, self.model, self.tokenizer, self.device, log, self.world)
 
     def _run_start_fields(self) -> dict[str, Any]:
-        exp, splits = self.exp, self.data.splits
+        exp = self.exp
         return {
             "experiment": exp.experiment.name,
             "source": self.source,
@@ -307,13 +290,7 @@ class Trainer:
             **environment(self.device),
             "n_params": self.model.n_params,
             "seed": exp.experiment.seed,
-            "corpus": {
-                "name": exp.data.corpus,
-                "sha256": splits.corpus_sha256,
-                "chars": splits.n_chars,
-            },
-            "train_tokens": len(splits.train),
-            "val_tokens": len(splits.val),
+            **self.data.describe(exp.data.corpus),  # corpus, train_tokens, val_tokens
             "max_steps": exp.training.max_steps,
             "resumed_from_step": self.state.step if self.resume is not None else None,
             "pid": os.getpid(),  # lets `slmkit runs` tell a live run from a killed one
