@@ -127,7 +127,8 @@ def _manager(plugins: Iterable[object]) -> tuple[PluginManager, list[str]]:
     for plugin in plugins:
         if isinstance(plugin, str):
             continue
-        info = manager.add(plugin, plugin_name(plugin), version=getattr(plugin, "__version__", None))
+        version = getattr(plugin, "__version__", None)
+        info = manager.add(plugin, plugin_name(plugin), version=version)
         if info.error is not None:
             raise PluginError(f"plugin {info.name!r} is broken: {info.error}")
         enable.append(info.name)

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import torch
+from slmkit_builtin.gpt import GPTBlock, GPTOptions
 
 import slmkit
 from slmkit import testing
-from slmkit_builtin.gpt import GPTBlock, GPTOptions
 
 # -- deliberately broken blocks ------------------------------------------------------------
 
@@ -104,8 +104,11 @@ def test_the_check_catches_a_cache_that_drops_the_last_key() -> None:
         "differ from a full forward pass by "
     )
     # a prefill of 4 is right (no cache yet); its first single step is not
-    with pytest.raises(AssertionError, match=r"^KV cache check, chunks \[4, 1, 1\]: the logits at position 4 "):  # fmt: skip
+    with pytest.raises(AssertionError) as info:
         testing.check_kv_cache(model, chunks=[4, 1, 1])
+    assert str(info.value).startswith(
+        "KV cache check, chunks [4, 1, 1]: the logits at position 4 differ"
+    )
 
 
 def test_the_check_catches_a_block_that_never_appends() -> None:
@@ -173,8 +176,9 @@ def test_tiny_model_reports_bad_input_as_the_kernel_does() -> None:
     assert str(info.value) == (
         "slmkit.testing: model.attention: must be one of 'sdpa', 'explicit', got 'flash'"
     )
-    with pytest.raises(slmkit.ConfigError, match=r"^slmkit.testing: model.block: unknown block 'nudged'"):  # fmt: skip
+    with pytest.raises(slmkit.ConfigError) as unknown:
         testing.tiny_model("nudged")  # the plugin providing it was not passed
+    assert str(unknown.value).startswith("slmkit.testing: model.block: unknown block 'nudged'")
     with pytest.raises(slmkit.ConfigError, match="plugin 'slmkit-nowhere' is not installed"):
         testing.tiny_model("gpt", ["slmkit-nowhere"])
 
