@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import slmkit
 import slmkit.testing
@@ -77,7 +78,9 @@ def documented_signature(text: str, call: str) -> tuple[list[tuple[str, str, Any
     positional = [(a.arg, "positional") for a in args.args]
     defaults: list[Any] = [inspect.Parameter.empty] * (len(positional) - len(args.defaults))
     defaults += [ast.literal_eval(d) for d in args.defaults]
-    params = [(name, kind, default) for (name, kind), default in zip(positional, defaults)]
+    params = [
+        (name, kind, default) for (name, kind), default in zip(positional, defaults, strict=True)
+    ]
     for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True):
         params.append(
             (a.arg, "keyword", inspect.Parameter.empty if d is None else ast.literal_eval(d))
@@ -109,6 +112,19 @@ def test_documented_constructors_and_helpers_are_the_real_signatures(call: str) 
     documented, shown = documented_signature(WRITING_PLUGINS.read_text(encoding="utf-8"), call)
     target = resolve(call if call.startswith("slmkit.") else f"slmkit.{call}")
     assert documented == real_signature(target), f"docs show {call}{shown}"
+
+
+def test_the_example_of_calling_a_block_by_hand_runs() -> None:
+    text = WRITING_PLUGINS.read_text(encoding="utf-8")
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "ModelDims(" in c]
+    from slmkit_builtin.gpt import GPTBlock, GPTOptions
+
+    scope: dict[str, Any] = {"slmkit": slmkit, "torch": torch}
+    scope |= {"MyBlock": GPTBlock, "MyOptions": GPTOptions}
+    exec(code, scope)
+    assert scope["dims"].d_head == 8
+    assert scope["y"].shape == (2, 1, 32)
+    assert scope["cache"].length == 1
 
 
 def test_the_documented_cache_tolerance_is_the_default() -> None:
