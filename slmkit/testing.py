@@ -253,9 +253,10 @@ def train_tiny(
         exp, manager, SOURCE, resume=resume, runs_dir=where / "runs", console=Console(quiet=True)
     )
     summary = trainer.run()
-    run = TinyRun(Path(summary["run_dir"]), {}, trainer.model.eval(), summary)
-    run.losses = {e["step"]: e["train_loss"] for e in run.events("train_step")}
-    return run
+    run_dir = Path(summary["run_dir"])
+    events = read_events(run_dir / "log.jsonl")
+    losses = {e["step"]: e["train_loss"] for e in events if e["event"] == "train_step"}
+    return TinyRun(run_dir, losses, trainer.model.eval(), summary)
 
 
 # -- the KV cache ----------------------------------------------------------------------------

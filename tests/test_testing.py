@@ -49,6 +49,7 @@ class DropsLastKey(GPTBlock):
 
     def forward(self, x: torch.Tensor, ctx: slmkit.BlockContext) -> torch.Tensor:
         if ctx.cache is not None:
+            # a stand-in with the KVCache methods blocks use
             ctx = slmkit.BlockContext(ctx.positions, DroppingCache(ctx.cache))  # type: ignore[arg-type]
         return super().forward(x, ctx)
 
