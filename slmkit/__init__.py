@@ -5,7 +5,8 @@ exported here, and nothing else in ``slmkit.*`` is promised to stay put. Plugins
 ``import slmkit`` and use ``slmkit.hookimpl``, ``slmkit.HookPoint``, ``slmkit.positive``...
 
 Names that need torch are imported on first use, so commands that only read logs
-(``slmkit runs``, ``slmkit compare``) start without it.
+(``slmkit runs``, ``slmkit compare``) start without it. A plugin's *tests* may also use
+``slmkit.testing`` (tiny models and runs, the KV-cache check); nothing else is public.
 """
 
 from __future__ import annotations

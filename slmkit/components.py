@@ -57,7 +57,11 @@ class Tokenizer(Protocol):
 
 @attrs.define(frozen=True)
 class ModelDims:
-    """The model-wide sizes every block is built from (the ``[model]`` table)."""
+    """The model-wide sizes every block is built from (the ``[model]`` table).
+
+    ``ModelDims(n_layers, d_model, n_heads, d_ff, dropout, context_length, vocab_size)``,
+    all required (tests of a block build one by hand); ``d_head`` is derived.
+    """
 
     n_layers: int
     d_model: int
@@ -85,6 +89,13 @@ class KVCache:
     What ``append`` and ``keys``/``values`` return are views of the buffer: they stay
     valid until :meth:`reset`, after which new keys overwrite them. The cache is for
     inference (under ``torch.no_grad``); it does not track gradients through the buffer.
+
+    The contract with blocks (docs/writing-plugins.md, "The KV-cache contract"): a block
+    appends exactly each call's keys and values, since the model takes the next start
+    position from layer 0's ``length``; with several new queries and a non-empty cache,
+    the queries are the last keys (:func:`slmkit.causal_mask`); when the context window
+    is full, generation resets every cache and starts again at position 0, so a cache
+    never holds more than ``context_length`` steps.
     """
 
     def __init__(self, max_length: int | None = None) -> None:
@@ -154,9 +165,10 @@ class KVCache:
 
 @attrs.define
 class BlockContext:
-    """What a block receives besides the residual stream.
+    """What a block receives besides the residual stream: ``BlockContext(positions, cache=None)``.
 
-    ``positions``: absolute positions of the time steps in ``x``, shape ``(time,)``;
+    ``positions``: absolute positions of the time steps in ``x``, shape ``(time,)``:
+    ``arange(time)`` in training, continuing after what is cached during generation;
     ``cache``: this layer's :class:`KVCache` during generation, else None.
     """
 
@@ -195,8 +207,11 @@ class ForwardHook(Protocol):
     ``default_points``) on the passes named in ``phases``: ``"train"`` on every ``every``-th
     training step, ``"eval"`` on the validation passes of such steps. During the pass
     ``observe`` receives each activation (detached; never modify it); afterwards ``flush``
-    returns the metrics to log, or None. A hook may also define ``start(run)``, called once
-    before training (e.g. to learn ``run.run_dir``).
+    returns the metrics to log, or None. Under gradient accumulation a training step is
+    watched on its first micro-batch only (one ``observe`` per point per step); a
+    validation pass calls ``observe`` once per point per validation batch. A hook may
+    also define ``start(run)``, called once before training (e.g. to learn
+    ``run.run_dir``, a ``pathlib.Path``).
     """
 
     default_points: Sequence[str]

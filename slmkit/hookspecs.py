@@ -52,7 +52,10 @@ def register_blocks(register: Register) -> None:
     Called once at start-up. ``factory(options, dims, layer)`` returns an ``nn.Module``
     following :class:`slmkit.Block` (see :class:`slmkit.BlockFactory`): ``options`` is
     the block's options instance, ``dims`` the model's :class:`slmkit.ModelDims`,
-    ``layer`` the block's index from 0. A factory with the attribute
+    ``layer`` the block's depth from 0 to ``n_layers - 1`` (the module becomes
+    ``blocks.<layer>``). The block initialises its own weights in its constructor (the
+    kernel only initialises the embeddings and the head; see
+    :func:`slmkit.init_gpt2_weights`). A factory with the attribute
     ``learned_positions = False`` (e.g. a block using rotary embeddings, which reads
     ``ctx.positions``) gets a model without the learned position table.
     The experiment picks one with ``[model] block = "..."``.
@@ -114,22 +117,25 @@ def register_update_hooks(register: Register) -> None:
 # ---------------------------------------------------------------------------------------
 # Run events: observers, like Lightning callbacks. Called only on the plugins that take
 # part in the run; return values are ignored. ``run`` is the live :class:`slmkit.Run`
-# (run_id, run_dir, experiment, model, tokenizer and ``run.log(event, **fields)``).
+# (run_id, run_dir as a pathlib.Path, experiment, model, tokenizer and
+# ``run.log(event, **fields)``). A resumed run trains again the steps after its newest
+# checkpoint, so on_step_end, on_eval and on_checkpoint may see a step number twice.
 # ---------------------------------------------------------------------------------------
 
 
 @hookspec
 def on_run_start(run: Run) -> None:
-    """Called once before the first training step (also when a run resumes)."""
+    """Called once per process before its first training step (so again on resume)."""
 
 
 @hookspec
 def on_step_end(run: Run, step: int, metrics: dict[str, Any]) -> None:
     """Called after every optimizer step.
 
-    ``step`` counts optimizer steps from 1. ``metrics`` holds ``lr`` always and
-    ``train_loss``/``tokens_per_s`` on logging steps only (reading the loss every step
-    would synchronise the device).
+    ``step`` counts optimizer steps from 1; after a resume, the steps trained since the
+    checkpoint it resumes from are trained, and reported, again. ``metrics`` holds ``lr``
+    always and ``train_loss``/``tokens_per_s`` on logging steps only (reading the loss
+    every step would synchronise the device).
     """
 
 
@@ -145,4 +151,7 @@ def on_checkpoint(run: Run, step: int, path: Path) -> None:
 
 @hookspec
 def on_run_end(run: Run, summary: dict[str, Any]) -> None:
-    """Called once when the run finished, with the summary logged in ``run_end``."""
+    """Called once when the run reached ``max_steps``, with the summary logged in ``run_end``.
+
+    Not called when the run stops on a signal or fails; the resumed run that finishes calls it.
+    """

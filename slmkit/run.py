@@ -23,6 +23,7 @@ class Run:
     """
 
     run_id: str
+    #: the run folder (relative to the working directory when ``experiment.runs_dir`` is)
     run_dir: Path
     experiment: Experiment
     model: LanguageModel

@@ -2,7 +2,8 @@
 
 Every plugin module in ``plugins/`` (the built-ins and the example distributions, their
 tests aside) is read with :mod:`ast`: importing a submodule of slmkit, or using a name of
-``slmkit`` that ``__all__`` does not list, fails naming the file and the line. The API
+``slmkit`` that ``__all__`` does not list, fails naming the file and the line. Their tests
+may use ``slmkit.testing`` besides, and nothing else of the kernel. The API
 itself must resolve, load torch only when a torch-dependent name is first used, and match
 the list documented in docs/writing-plugins.md.
 """
@@ -28,34 +29,48 @@ API_BEGIN = "<!-- plugin-api: begin"
 API_END = "<!-- plugin-api: end -->"
 
 
-def plugin_sources() -> list[Path]:
-    """Every ``.py`` file under ``plugins/`` outside a ``tests`` folder."""
+#: what a plugin's tests may use besides the plugin API: the testing helpers
+TESTS_MAY_USE = frozenset({"testing"})
+
+
+def plugin_sources(*, tests: bool = False) -> list[Path]:
+    """Every ``.py`` file under ``plugins/`` outside ``tests`` folders (or inside, if ``tests``)."""
     sources = []
     for path in PLUGINS.rglob("*.py"):
         parts = path.relative_to(PLUGINS).parts
-        if "tests" not in parts and not any(p.startswith(".") or p == "build" for p in parts):
+        if ("tests" in parts) == tests and not any(
+            p.startswith(".") or p == "build" for p in parts
+        ):
             sources.append(path)
     return sorted(sources)
 
 
-def _is_slmkit_submodule(module: str) -> bool:
-    return module.startswith("slmkit.")
+def _is_slmkit_submodule(module: str, allowed: frozenset[str]) -> bool:
+    return module.startswith("slmkit.") and module.split(".")[1] not in allowed
 
 
-def api_violations(source: str, filename: str, api: set[str]) -> list[str]:
-    """``file:line: what`` for each use of slmkit outside the plugin API in ``source``."""
+def api_violations(
+    source: str, filename: str, api: set[str], allowed: frozenset[str] = frozenset()
+) -> list[str]:
+    """``file:line: what`` for each use of slmkit outside the plugin API in ``source``.
+
+    ``allowed``: submodules of slmkit that may be used besides (``testing`` in tests).
+    """
+    api = api | allowed
     tree = ast.parse(source, filename)
     found: list[str] = []
     aliases = set()  # the names ``slmkit`` is bound to (``import slmkit [as sk]``)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if _is_slmkit_submodule(alias.name):
+                if _is_slmkit_submodule(alias.name, allowed):
                     found.append(f"{filename}:{node.lineno}: import {alias.name}")
-                elif alias.name == "slmkit":
+                elif alias.name == "slmkit" or (
+                    alias.name.startswith("slmkit.") and alias.asname is None
+                ):  # ``import slmkit.testing`` binds ``slmkit`` too
                     aliases.add(alias.asname or "slmkit")
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if _is_slmkit_submodule(node.module):
+            if _is_slmkit_submodule(node.module, allowed):
                 found.append(f"{filename}:{node.lineno}: from {node.module} import ...")
             elif node.module == "slmkit":
                 for alias in node.names:
@@ -90,6 +105,20 @@ def test_plugins_import_only_the_plugin_api() -> None:
     )
 
 
+def test_plugin_tests_use_only_the_plugin_api_and_slmkit_testing() -> None:
+    sources = plugin_sources(tests=True)
+    assert len(sources) >= 4, sources  # the four example distributions' tests
+    api = set(slmkit.__all__)
+    found: list[str] = []
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        found += api_violations(text, str(path.relative_to(ROOT)), api, TESTS_MAY_USE)
+    assert not found, (
+        "plugin tests must use only `import slmkit`, slmkit.__all__ and slmkit.testing:\n"
+        + "\n".join(found)
+    )
+
+
 def test_the_checker_names_file_and_line_of_each_violation() -> None:
     source = textwrap.dedent(
         """\
@@ -108,6 +137,24 @@ def test_the_checker_names_file_and_line_of_each_violation() -> None:
         "p.py:3: from slmkit.options import ...",
         "p.py:4: from slmkit import train (not in slmkit.__all__)",
         "p.py:8: slmkit.hooks (not in slmkit.__all__)",
+    ]
+    in_tests = textwrap.dedent(
+        """\
+        import slmkit.testing
+        from slmkit import testing
+        from slmkit.testing import tiny_model
+        slmkit.testing.train_tiny
+        from slmkit.plugins import PluginManager
+        slmkit.build
+        """
+    )
+    assert api_violations(in_tests, "t.py", set(slmkit.__all__), TESTS_MAY_USE) == [
+        "t.py:5: from slmkit.plugins import ...",
+        "t.py:6: slmkit.build (not in slmkit.__all__)",
+    ]
+    assert api_violations(in_tests, "p.py", set(slmkit.__all__))[:2] == [
+        "p.py:1: import slmkit.testing",
+        "p.py:2: from slmkit import testing (not in slmkit.__all__)",
     ]
     aliased = "import slmkit as sk\nsk.train\n"
     assert api_violations(aliased, "q.py", set(slmkit.__all__)) == [

@@ -10,16 +10,15 @@ tests need no image library either.
 
 from __future__ import annotations
 
-import json
 import struct
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import slmkit.testing
 import torch
 from slmkit import OptionValueError
-from slmkit.plugins import PluginManager
 
 import slmkit_attention_maps
 from slmkit_attention_maps import (
@@ -189,11 +188,10 @@ def test_options_are_validated(field: str, value: Any) -> None:
 
 
 def test_registers_the_hook() -> None:
-    manager = PluginManager(default_plugins=(), entry_points=False)
-    info = manager.add(slmkit_attention_maps, DIST, version="0.1.0")
+    info = slmkit.testing.load_plugin(slmkit_attention_maps, DIST, version="0.1.0")
     assert info.error is None
     assert info.provides == {"forward_hook": [NAME]}
-    component = manager.component("forward_hook", NAME, [DIST])
+    component = info.component("forward_hook", NAME)
     assert component.options is AttentionMapsOptions
     assert component.factory is AttentionMaps
     assert AttentionMaps.phases == ("eval",)
@@ -204,35 +202,17 @@ def test_registers_the_hook() -> None:
 
 
 def test_a_tiny_run_writes_one_image_per_layer_and_evaluation(tmp_path: Path) -> None:
-    from slmkit.config.resolve import experiment_from_dict
-    from slmkit.progress import Console
-    from slmkit.train import Trainer
-
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400, encoding="utf-8")
-    manager = PluginManager(entry_points=False).load()
-    assert manager.add(slmkit_attention_maps, DIST, version="0.1.0").error is None
-    experiment = {
-        "experiment": {"name": "maps", "seed": 0},
-        "plugins": {"enable": [DIST]},
-        "data": {"corpus": "file", "path": str(corpus), "val_fraction": 0.1},
-        "model": {
-            "n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 64, "dropout": 0.0,
-            "context_length": 16,
+    run = slmkit.testing.train_tiny(
+        [slmkit_attention_maps],
+        steps=4,
+        folder=tmp_path,
+        experiment={
+            "model": {"n_heads": 2, "context_length": 16},
+            "training": {"eval_every": 2},
+            "forward_hooks": [{"name": NAME, "max_tokens": 8, "cell": 2}],
         },
-        "training": {
-            "batch_size": 4, "max_steps": 4, "eval_every": 2, "eval_batches": 2,
-            "checkpoint_every": 0, "log_every": 1, "device": "cpu",
-        },
-        "sampling": {"every": 0, "max_new_tokens": 4},
-        "forward_hooks": [{"name": NAME, "max_tokens": 8, "cell": 2}],
-    }  # fmt: skip
-    exp = experiment_from_dict(experiment, manager, source="maps.toml")
-    trainer = Trainer(
-        exp, manager, "maps.toml", runs_dir=tmp_path / "runs", console=Console(quiet=True)
-    )
-    summary = trainer.run()
-    run_dir = Path(summary["run_dir"])
+    )  # 2 layers, d_model 32, evaluations at steps 2 and 4
+    run_dir = run.run_dir
 
     images = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*.png"))
     assert images == [
@@ -244,8 +224,7 @@ def test_a_tiny_run_writes_one_image_per_layer_and_evaluation(tmp_path: Path) ->
         assert rows[0][0] == 255  # the first query attends only to itself
         assert rows[0][2] == 0  # ... and never to the future
 
-    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    logged = [e for e in events if e["event"] == "forward_hook" and e["name"] == NAME]
+    logged = [e for e in run.events("forward_hook") if e["name"] == NAME]
     assert [(e["step"], e["phase"]) for e in logged] == [(2, "eval"), (4, "eval")]
     assert logged[0]["metrics"]["files"] == images[:2]
     assert logged[0]["metrics"]["heads"] == 2

@@ -14,9 +14,9 @@ import io
 from typing import Any
 
 import pytest
+import slmkit.testing
 import torch
 from slmkit import OptionValueError
-from slmkit.plugins import PluginManager
 
 from slmkit_lion import NAME, Lion, LionOptions, build_lion
 
@@ -193,10 +193,9 @@ def test_defaults() -> None:
 def test_registers_the_optimizer_through_the_hook() -> None:
     import slmkit_lion
 
-    manager = PluginManager(default_plugins=(), entry_points=False)
-    info = manager.add(slmkit_lion, "slmkit-lion", version="0.1.0")
+    info = slmkit.testing.load_plugin(slmkit_lion, "slmkit-lion", version="0.1.0")
     assert info.error is None
     assert info.provides == {"optimizer": [NAME]}
-    component = manager.component("optimizer", NAME, ["slmkit-lion"])
+    component = info.component("optimizer", NAME)
     assert component.options is LionOptions
     assert component.factory is build_lion

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 import pytest
+import slmkit.testing
 import torch
-from slmkit import BlockContext, KVCache, ModelDims, OptionValueError, causal_mask
-from slmkit.plugins import PluginManager
+from slmkit import BlockContext, ConfigError, ModelDims, OptionValueError, causal_mask
 
 import slmkit_llama
 from slmkit_llama import (
@@ -24,46 +23,12 @@ from slmkit_llama import (
     swiglu_hidden_size,
 )
 
-DIST = "slmkit-llama"
-
-
-@attrs.define
-class FakeTokenizer:
-    """All that building a model needs of a tokenizer."""
-
-    vocab_size: int = 41
-    pad_id: int | None = None
-
-
-def manager() -> PluginManager:
-    """The built-ins plus this plugin, added inline (no installation needed)."""
-    pm = PluginManager(entry_points=False).load()
-    info = pm.add(slmkit_llama, DIST, version="0.1.0")
-    assert info.error is None, info.error
-    return pm
+VOCAB = 41
 
 
 def build(model: dict[str, Any] | None = None, seed: int = 0) -> torch.nn.Module:
-    """A small model with the llama block, built by slmkit from an experiment."""
-    from slmkit.build import build_model
-    from slmkit.config.resolve import experiment_from_dict
-
-    pm = manager()
-    table = {
-        "block": NAME,
-        "n_layers": 2,
-        "d_model": 32,
-        "n_heads": 4,
-        "d_ff": 64,
-        "dropout": 0.0,
-        "context_length": 32,
-        **(model or {}),
-    }
-    exp = experiment_from_dict(
-        {"plugins": {"enable": [DIST]}, "model": table}, pm, source="test.toml"
-    )
-    torch.manual_seed(seed)
-    return build_model(exp, FakeTokenizer()).eval()
+    """A small model with the llama block (2 layers, d_model 32, 4 heads), built by slmkit."""
+    return slmkit.testing.tiny_model(NAME, [slmkit_llama], model=model, vocab_size=VOCAB, seed=seed)
 
 
 # -- rotary embeddings ------------------------------------------------------------------------
@@ -159,8 +124,8 @@ def test_model_built_through_slmkit_has_no_position_table() -> None:
         "blocks.0.mlp.hook_pre_linear", "blocks.0.mlp.hook_post", "blocks.1.hook_resid_post",
     ):  # fmt: skip
         assert point in names, point
-    logits, loss = model(torch.randint(0, 41, (2, 12)), torch.randint(0, 41, (2, 12)))
-    assert logits.shape == (2, 12, 41)
+    logits, loss = model(torch.randint(0, VOCAB, (2, 12)), torch.randint(0, VOCAB, (2, 12)))
+    assert logits.shape == (2, 12, VOCAB)
     assert loss is not None and torch.isfinite(loss)
 
 
@@ -173,8 +138,6 @@ def test_options_reach_the_block_through_the_experiment() -> None:
 
 
 def test_odd_head_width_is_an_option_error() -> None:
-    from slmkit import ConfigError
-
     with pytest.raises(ConfigError, match=r"model\.n_heads: .*even head width"):
         build({"d_model": 30, "n_heads": 2})  # d_head = 15
 
@@ -190,29 +153,15 @@ def test_options_are_validated(field: str, value: Any) -> None:
 
 
 def test_registers_the_block_through_the_hook() -> None:
-    pm = PluginManager(default_plugins=(), entry_points=False)
-    info = pm.add(slmkit_llama, DIST, version="0.1.0")
+    info = slmkit.testing.load_plugin(slmkit_llama, "slmkit-llama", version="0.1.0")
     assert info.error is None
     assert info.provides == {"block": [NAME]}
-    component = pm.component("block", NAME, [DIST])
+    component = info.component("block", NAME)
     assert component.options is LlamaOptions
     assert component.factory is LlamaBlock
 
 
 # -- generation with the KV cache ---------------------------------------------------------------
-
-
-def _cached_logits(model: Any, tokens: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    """Feed ``tokens`` through the cache in chunks of the given sizes; all logits."""
-    caches = [KVCache() for _ in model.blocks]
-    out, start = [], 0
-    for size in chunks:
-        logits, _ = model(tokens[:, start : start + size], caches=caches)
-        out.append(logits)
-        start += size
-    assert start == tokens.shape[1]
-    assert caches[0].length == start
-    return torch.cat(out, dim=1)
 
 
 @pytest.mark.parametrize(
@@ -225,18 +174,19 @@ def _cached_logits(model: Any, tokens: torch.Tensor, chunks: list[int]) -> torch
     ids=["token-by-token", "prefill+steps", "prefill+chunks"],
 )
 def test_kv_cache_gives_the_logits_of_the_whole_context(chunks: list[int]) -> None:
-    model = build()
-    torch.manual_seed(3)
-    tokens = torch.randint(0, 41, (2, 20))
-    with torch.no_grad():
-        full, _ = model(tokens)
-        cached = _cached_logits(model, tokens, chunks)
-    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+    # within slmkit.testing.DEFAULT_ATOL = 1e-5 (rtol 0), and every layer's cache holds
+    # all the tokens afterwards
+    slmkit.testing.check_kv_cache(build(), chunks=chunks, seed=3)
+
+
+def test_kv_cache_over_whole_windows() -> None:
+    worst = slmkit.testing.check_kv_cache(build())  # the default schedules, 32 tokens each
+    assert worst <= 1e-5
 
 
 def test_generate_with_and_without_cache_agree() -> None:
     model = build()
-    prompt = torch.randint(0, 41, (1, 5))
+    prompt = torch.randint(0, VOCAB, (1, 5))
     a = model.generate(prompt, 12, generator=torch.Generator().manual_seed(0), use_cache=True)
     b = model.generate(prompt, 12, generator=torch.Generator().manual_seed(0), use_cache=False)
     assert torch.equal(a, b)
@@ -244,7 +194,7 @@ def test_generate_with_and_without_cache_agree() -> None:
 
 def test_watching_the_pattern_changes_nothing_and_gives_causal_rows() -> None:
     model = build()
-    tokens = torch.randint(0, 41, (2, 10))
+    tokens = torch.randint(0, VOCAB, (2, 10))
     with torch.no_grad():
         plain, _ = model(tokens)
         seen: dict[str, torch.Tensor] = {}

@@ -11,12 +11,13 @@ floating point, so the expected values are compared exactly, not approximately.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import pytest
+import slmkit.testing
 import torch
 from slmkit import OptionValueError
-from slmkit.plugins import PluginManager
 
 from slmkit_sgd_momentum import (
     NAME,
@@ -173,10 +174,26 @@ def test_options_are_validated(field: str, value: Any) -> None:
 def test_registers_the_optimizer_through_the_hook() -> None:
     import slmkit_sgd_momentum
 
-    manager = PluginManager(default_plugins=(), entry_points=False)
-    info = manager.add(slmkit_sgd_momentum, "slmkit-sgd-momentum", version="0.1.0")
+    info = slmkit.testing.load_plugin(slmkit_sgd_momentum, "slmkit-sgd-momentum", version="0.1.0")
     assert info.error is None
     assert info.provides == {"optimizer": [NAME]}
-    component = manager.component("optimizer", NAME, ["slmkit-sgd-momentum"])
+    component = info.component("optimizer", NAME)
     assert component.options is SGDMomentumOptions
     assert component.factory is build_sgd_momentum
+
+
+def test_a_tiny_run_trains_with_it_and_checkpoints_its_momentum(tmp_path: Path) -> None:
+    import slmkit_sgd_momentum
+
+    run = slmkit.testing.train_tiny(
+        [slmkit_sgd_momentum],
+        steps=3,
+        folder=tmp_path,
+        experiment={"optimizer": {"name": NAME, "learning_rate": 0.1, "nesterov": True}},
+    )
+    assert list(run.losses) == [1, 2, 3]
+    assert all(loss == loss for loss in run.losses.values())  # no NaN
+    payload = torch.load(run.run_dir / "checkpoints" / "step_3.pt", weights_only=True)
+    state = payload["optimizer"]["state"]
+    assert state and all(set(s) == {"momentum_buffer"} for s in state.values())
+    assert [g["nesterov"] for g in payload["optimizer"]["param_groups"]] == [True, True]
