@@ -33,7 +33,7 @@ from slmkit.build import (
 )
 from slmkit.config.schema import Experiment
 from slmkit.distributed import World
-from slmkit.errors import HookFailure, RunError
+from slmkit.errors import HookFailure, RunError, SlmkitError, first_line
 from slmkit.evaluate import Evaluator, bits_per_char, log_sample
 from slmkit.plugins import PluginManager, RunEvents
 from slmkit.progress import Console, StepMeter
@@ -241,40 +241,54 @@ class Trainer:
             yield
         except HookFailure as exc:
             message = f"{exc} at step {self.current_step}; {checkpoint.kept_note(run.run_dir)}"
-            run.log("run_failed", step=self.current_step, error=message)
+            self._failed(run, message)
             raise RunError(self.world.label + message) from exc
         except RunError as exc:
-            run.log("run_failed", step=self.current_step, error=str(exc))
+            self._failed(run, str(exc))
             if self.world.launched:
                 raise RunError(self.world.label + str(exc)) from exc
             raise
-        except RuntimeError as exc:
+        except SlmkitError:  # RunInterrupted: StopSignals logged it
+            raise
+        except Exception as exc:
             kept = checkpoint.kept_note(run.run_dir)
             lost = self.world.lost_contact(exc, self.current_step, kept)
-            if lost is None:
+            if lost is None:  # a bug: logged, so `slmkit runs` says failed, then shown as one
+                error = f"internal error: {type(exc).__name__}: {first_line(exc)}; {kept}"
+                self._failed(run, error)
                 raise
-            run.log("run_failed", step=self.current_step, error=str(lost))
+            self._failed(run, str(lost))
             raise lost from None
         finally:
             self.console.close()
             run.logger.close()
             self.world.leave()  # before the signal handlers go back: torchrun may still signal
 
+    def _failed(self, run: Run, error: str) -> None:
+        """Log ``run_failed``; a log that cannot be written (a full disk) hides no error."""
+        with contextlib.suppress(OSError):
+            run.log("run_failed", step=self.current_step, error=error)
+
     def open_run(self) -> Run:
         """The run folder (rank 0 creates it; the others learn its run id and path)."""
         exp = self.exp
 
+        log: RunLog | NullLog = NullLog()  # rank 0 writes the log
+
         def make_folder() -> tuple[str, str]:
+            nonlocal log
             if self.resume is not None:
                 run_id, run_dir = self.resume.run_id, self.resume.run_dir
             else:
                 run_id, run_dir = create_run_dir(self.runs_dir, exp.experiment.name)
-            write_run_files(run_dir, exp.to_toml(), tokenizer_record(exp, self.tokenizer))
+            removed = write_run_files(run_dir, exp.to_toml(), tokenizer_record(exp, self.tokenizer))
+            if removed:
+                self.console.say(f"removed {len(removed)} temporary file(s) of killed writes")
+            log = RunLog.open(run_dir / "log.jsonl", run_id)
             return run_id, str(run_dir)
 
         run_id, folder = self.world.from_main(make_folder)
         run_dir = Path(folder)
-        log = RunLog(run_dir / "log.jsonl", run_id) if self.world.is_main else NullLog()
         return Run(run_id, run_dir, exp, self.model, self.tokenizer, self.device, log, self.world)
 
     def _run_start_fields(self) -> dict[str, Any]:

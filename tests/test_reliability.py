@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from slmkit.errors import CheckpointError, RunError
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
+from slmkit.runs import list_runs
 from slmkit.train import Trainer
 
 
@@ -321,6 +324,67 @@ def test_a_full_disk_while_checkpointing_is_reported_and_loses_nothing(
     )
     assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_3.pt"]
     assert checkpoint.load(folder / "latest.pt")["step"] == 3
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB file system (tmpfs) that can fill up; skipped where mounting is refused."""
+    folder = tmp_path / "tmpfs"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+class FillDisk:
+    """A plugin that fills ``folder``'s file system right after the checkpoint of step
+    ``at``, leaving ``room`` bytes: enough for the log, too few for another checkpoint."""
+
+    def __init__(self, folder: Path, at: int, room: int) -> None:
+        self.folder, self.at, self.room = folder, at, room
+
+    @slmkit.hookimpl
+    def on_checkpoint(self, step: int) -> None:
+        if step != self.at:
+            return
+        filler = self.folder / "filler"
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while f.write(b"\0" * 65536):
+                pass
+        os.truncate(filler, max(0, filler.stat().st_size - self.room))
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_checkpoint(
+    write_experiment, small_tmpfs, monkeypatch, capsys
+) -> None:
+    manager = PluginManager(entry_points=False).load()
+    manager.add(FillDisk(small_tmpfs, at=3, room=64 * 1024), "fill-disk")
+    monkeypatch.setattr("slmkit.cli._manager", lambda: manager)
+    path = write_experiment({"plugins": {"enable": ["fill-disk"]}})
+    runs = small_tmpfs / "runs"
+    assert main(["run", str(path), "--runs-dir", str(runs)]) == 1
+    (run_dir,) = runs.iterdir()
+    folder = run_dir / "checkpoints"
+    error = (
+        f"could not write checkpoint {folder / 'step_6.pt'}: [Errno 28] No space left on "
+        f"device; the last checkpoint, {folder / 'latest.pt'}, is intact"
+    )
+    assert capsys.readouterr().err == f"slmkit: error: {error}\n"
+    # no temporary file left, the previous checkpoint whole
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_3.pt"]
+    assert [p.name for p in run_dir.rglob(".*")] == []
+    assert checkpoint.load(folder / "latest.pt")["step"] == 3
+    failed = read_events(run_dir / "log.jsonl")[-1]
+    assert (failed["event"], failed["step"], failed["error"]) == ("run_failed", 6, error)
+    (record,) = list_runs(runs)
+    assert (record.status, record.status_detail) == ("failed", error)
 
 
 def test_a_new_run_never_reuses_a_run_folder(write_experiment, manager, tmp_path, monkeypatch):
