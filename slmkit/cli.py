@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -152,6 +153,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Recompute the validation loss of a saved model."""
     from slmkit.build import build_data, load_trained
+    from slmkit.errors import RunError
     from slmkit.evaluate import bits_per_char, evaluate
 
     trained = load_trained(args.run, _manager(), args.device)
@@ -161,6 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     batches, splits = data.val_batches, data.splits
     val_loss = evaluate(trained.model, batches, trained.device)
+    if not math.isfinite(val_loss):
+        raise RunError(f"{trained.path}: the validation loss is {val_loss} (the outputs overflow)")
     result = {
         "step": trained.step,
         "val_loss": val_loss,

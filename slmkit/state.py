@@ -192,6 +192,14 @@ class TrainState:
         """
         folder = run.run_dir / "checkpoints"
         path = folder / f"step_{self.step}.pt"
+        bad = self.model.nonfinite_parameters()  # the same on every rank
+        if bad:  # a checkpoint is a promise: never one of a broken model
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise RunError(
+                f"non-finite weights at step {self.step} ({bad[0]}{more}): {path} not "
+                f"written ({checkpoint.kept_note(run.run_dir)}); "
+                'training.on_nonfinite = "skip" would undo such updates instead'
+            )
         rngs = self.world.gather(checkpoint.rng_state()) if self.world.launched else None
 
         def write() -> None:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -287,6 +288,127 @@ def test_nonfinite_skip_skips_that_update_and_counts_it(write_experiment, tmp_pa
     skipped = [e for e in read_events(run_dir / "log.jsonl") if e["event"] == "nonfinite_skipped"]
     assert [(e["step"], e["skipped_steps"]) for e in skipped] == [(3, 1)]
     assert all(torch.isfinite(t).all() for t in final_parameters(run_dir).values())
+
+
+class Spike:
+    """A schedule plugin: an infinite learning rate at step ``at``, whose update makes the
+    weights non-finite although its loss and gradients are finite."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    @slmkit.hookimpl
+    def register_schedules(self, register) -> None:
+        register("spike", lambda options, max_steps: self.multiplier)
+
+    def multiplier(self, step: int) -> float:
+        return float("inf") if step + 1 == self.at else 1.0  # schedules count from 0
+
+
+class AfterEachStep:
+    """A plugin that copies the weights and the optimizer's state after every step."""
+
+    def __init__(self) -> None:
+        self.trainer: Trainer | None = None
+        self.saved: dict[int, tuple[dict, dict]] = {}
+
+    @slmkit.hookimpl
+    def on_step_end(self, step: int) -> None:
+        assert self.trainer is not None
+        model = {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
+        state = self.trainer.optimizer.state_dict()["state"]
+        moments = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in state.items()}  # fmt: skip
+        self.saved[step] = (model, moments)
+
+
+def same_values(a, b) -> bool:
+    """Nested dicts and tuples of tensors and plain values, equal to the bit."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b, strict=True))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    return bool(a == b)
+
+
+def spiked(write_experiment, mode: str, at: int) -> tuple[Path, PluginManager]:
+    manager = PluginManager(entry_points=False).load()
+    manager.add(Spike(at), "spike-plugin")
+    path = write_experiment({
+        "plugins": {"enable": ["spike-plugin"]},
+        "schedule": {"name": "spike"},
+        "training": {"checkpoint_every": 2, "on_nonfinite": mode},
+    })  # fmt: skip
+    return path, manager
+
+
+def test_weights_made_non_finite_by_an_update_are_never_checkpointed(write_experiment, tmp_path):
+    path, manager = spiked(write_experiment, "stop", at=4)
+    runs = tmp_path / "runs"
+    with pytest.raises(RunError) as caught:
+        trainer(path, runs, manager).run()
+    (run_dir,) = runs.iterdir()
+    folder = run_dir / "checkpoints"
+    message = str(caught.value)
+    assert re.fullmatch(
+        re.escape("non-finite weights at step 4 (tok_emb.weight and ")
+        + r"\d+"
+        + re.escape(
+            f" more): {folder / 'step_4.pt'} not written (the last checkpoint, "
+            f"{folder / 'latest.pt'}, is intact); "
+            'training.on_nonfinite = "skip" would undo such updates instead'
+        ),
+        message,
+    ), message
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_2.pt"]
+    saved = checkpoint.load(folder / "latest.pt")
+    assert saved["step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    failed = read_events(run_dir / "log.jsonl")[-1]
+    assert (failed["event"], failed["step"], failed["error"]) == ("run_failed", 4, message)
+
+
+@pytest.mark.parametrize("cause", ["loss or gradient", "weights after the update"])
+def test_a_skipped_update_leaves_weights_and_optimizer_moments_as_they_were(
+    write_experiment, tmp_path, cause
+) -> None:
+    if cause == "loss or gradient":  # NaN gradients: the optimizer never steps
+        path, manager = poisoned(write_experiment, "skip")
+    else:  # finite gradients, non-finite weights after the step: the update is undone
+        path, manager = spiked(write_experiment, "skip", at=3)
+    watch = AfterEachStep()
+    manager.add(watch, "watch-plugin")
+    enable = [*load_experiment(path, manager).plugins.enable, "watch-plugin"]
+    exp = load_experiment(path, manager, [f"plugins.enable={enable!r}"])
+    run = Trainer(exp, manager, str(path), runs_dir=tmp_path / "runs", console=Console(quiet=True))
+    watch.trainer = run
+    summary = run.run()
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    run_dir = Path(summary["run_dir"])
+    events = read_events(run_dir / "log.jsonl")
+    skipped = [(e["step"], e["skipped_steps"], e["cause"])
+               for e in events if e["event"] == "nonfinite_skipped"]  # fmt: skip
+    assert skipped == [(3, 1, cause)]
+    # step 3 changed nothing: the weights and AdamW's moments and step counts are step 2's
+    assert same_values(watch.saved[3], watch.saved[2])
+    assert watch.saved[2][1] and not same_values(watch.saved[4], watch.saved[3])
+    assert int(watch.saved[4][1][0]["step"]) == 3  # AdamW counted the three applied updates
+    assert all(torch.isfinite(t).all() for t in final_parameters(run_dir).values())
+
+
+def test_eval_and_sample_refuse_a_model_with_non_finite_weights(finished_run, tmp_path, capsys):
+    _, run_dir = finished_run
+    payload = checkpoint.load(run_dir)
+    payload["model"]["blocks.1.mlp.fc.weight"][0, 0] = float("nan")
+    broken = tmp_path / "broken.pt"
+    checkpoint.atomic_save(payload, broken)  # a sound file (checksum and all) of a NaN model
+    for command in ("eval", "sample"):
+        assert main([command, str(broken), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == (
+            f"slmkit: error: {broken}: its weights are not finite (blocks.1.mlp.fc.weight)\n"
+        )
 
 
 def test_a_diverging_learning_rate_stops_the_run(write_experiment, manager, tmp_path) -> None:
