@@ -130,6 +130,15 @@ def create_run_dir(runs_dir: Path, name: str) -> tuple[str, Path]:
     raise RunError(f"cannot find a free run folder name in {runs_dir}")
 
 
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run folder: experiment.toml and log.jsonl beside checkpoints/."""
+    return (
+        (folder / "experiment.toml").is_file()
+        and (folder / "log.jsonl").is_file()
+        and (folder / "checkpoints").is_dir()
+    )
+
+
 def write_run_files(run_dir: Path, experiment_toml: str, tokenizer: dict[str, Any]) -> list[Path]:
     """What a run folder holds from its start: the experiment, the tokenizer, checkpoints/.
 

@@ -41,7 +41,7 @@ from slmkit.run import Run
 from slmkit.rundir import create_run_dir, write_run_files
 from slmkit.runlog import NullLog, RunLog, environment, git_state
 from slmkit.signals import StopSignals
-from slmkit.state import TrainState, load_resume, tokenizer_record
+from slmkit.state import TrainState, load_init, load_resume, tokenizer_record
 from slmkit.stepper import Precision, Stepper
 
 
@@ -60,6 +60,7 @@ class Trainer:
         source: str,
         *,
         resume: str | Path | None = None,
+        init_from: str | Path | None = None,
         runs_dir: str | Path | None = None,
         console: Console | None = None,
         sweep: dict[str, Any] | None = None,
@@ -73,28 +74,31 @@ class Trainer:
         self.device = self.world.place(resolve_device(exp.training.device, source), source)
         self.world.join(self.device)
         try:
-            self._build(resume)
+            self._build(resume, init_from)
         except BaseException:
             self.world.leave()
             raise
 
-    def _build(self, resume: str | Path | None) -> None:
+    def _build(self, resume: str | Path | None, init_from: str | Path | None) -> None:
         """Every part of the run; every check of the input happens here."""
         exp, world, device = self.exp, self.world, self.device
-        self.resume = None if resume is None else load_resume(
-            resume, exp, self.manager, world, self.console
-        )  # fmt: skip
+        context = (exp, self.manager, world, self.console)
+        self.resume = None if resume is None else load_resume(resume, *context)
+        self.init = None if init_from is None else load_init(init_from, *context)
+        start = self.resume or self.init  # its tokenizer, not one trained again
         self.tokenizer = build_tokenizer(exp)
-        if self.resume is not None:
-            self.tokenizer.load_state_dict(self.resume.payload["tokenizer"]["state"])
+        if start is not None:
+            self.tokenizer.load_state_dict(start.payload["tokenizer"]["state"])
         self.data = build_data(
-            exp, self.tokenizer, train_tokenizer=self.resume is None,
+            exp, self.tokenizer, train_tokenizer=start is None,
             rank=world.rank, world_size=world.world_size,
         )  # fmt: skip
         # Every rank seeds alike, so the models start identical and the RNG streams stay in
         # step: an update hook that draws noise (grad_noise) draws the same on every rank.
         checkpoint.seed_all(exp.experiment.seed)
         self.model = build_model(exp, self.tokenizer).to(device)
+        if self.init is not None:
+            self.init.apply(self.model)
         precision = Precision.of(exp, device)
         forward_hooks = build_forward_hooks(exp, self.model)  # on every rank: same errors
         # Forward hooks observe (and may write files): on rank 0 only, seeing its share.
@@ -307,6 +311,7 @@ class Trainer:
             **self.data.describe(exp.data.corpus),  # corpus, train_tokens, val_tokens
             "max_steps": exp.training.max_steps,
             "resumed_from_step": self.state.step if self.resume is not None else None,
+            "init_from": str(self.init.path) if self.init is not None else None,
             "pid": os.getpid(),  # lets `slmkit runs` tell a live run from a killed one
             "sweep": self.sweep,
             "world_size": self.world.world_size,
