@@ -97,52 +97,120 @@ def test_a_signal_saves_a_checkpoint_and_resume_completes_exactly(
     assert_equal_parameters(final_parameters(run_dir), final_parameters(full))
 
 
+#: where kill_driver.py may kill a process (see there), and the largest N drawn for each:
+#: a checkpoint calls torch.save once, os.fsync 3 times, os.replace twice and os.link once,
+#: and a (re)started run writes experiment.toml and tokenizer.json (2 fsyncs, 1 replace each)
+KILL_POINTS = {"save": 12, "fsync": 40, "replace": 26, "link": 12}
+KILL_DRIVER = Path(__file__).with_name("kill_driver.py")
+
+
+def child_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of the runs the SIGKILL test starts: one thread each (the same in
+    every process, as bit-exactness needs), and Python's bytecode cached outside the source
+    trees, so that each of two dozen starts does not compile torch again."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.getbasetemp() / "pycache")
+    return env
+
+
+def this_process_steps(log: Path) -> int:
+    """train_step events logged since the last run_start."""
+    count = 0
+    for event in read_events(log) if log.exists() else []:
+        if event["event"] == "run_start":
+            count = 0
+        count += event["event"] == "train_step"
+    return count
+
+
+def logged(run_dir: Path, name: str, key: str) -> list[tuple[int, float]]:
+    """``(step, event[key])`` of every ``name`` event, in the order logged."""
+    return [(e["step"], e[key]) for e in read_events(run_dir / "log.jsonl") if e["event"] == name]
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_moments_loses_nothing(write_experiment, tmp_path, capsys) -> None:
-    """Kill a run again and again, some kills landing inside checkpoint writes; resume each
-    time; the end result must equal an uninterrupted run's, to the bit."""
-    path = write_experiment({"training": {"max_steps": 250, "checkpoint_every": 1,
-                                          "keep_checkpoints": 2, "eval_every": 0,
-                                          "log_every": 25},
+def test_sigkill_at_random_moments_loses_nothing(
+    write_experiment, tmp_path, tmp_path_factory, capsys
+) -> None:
+    """Kill a run 20 times (seeded): every other kill from inside a file write, at a point
+    drawn from KILL_POINTS; the others after a random number of steps, wherever the process
+    then is (mostly checkpointing: it checkpoints every step). Resume after each. Every loss
+    logged, by whichever process, and the final parameters must be those of a run never
+    interrupted, to the bit, and no temporary file may be left."""
+    max_steps = 400
+    path = write_experiment({"training": {"max_steps": max_steps, "checkpoint_every": 1,
+                                          "keep_checkpoints": 2, "eval_every": 50,
+                                          "log_every": 1},
                              "sampling": {"every": 0}})  # fmt: skip
+    env = child_env(tmp_path_factory)
     reference = tmp_path / "reference"
     done = subprocess.run([sys.executable, "-m", "slmkit", "run", str(path), "--runs-dir",
-                           str(reference)], capture_output=True, timeout=600)  # fmt: skip
+                           str(reference)], capture_output=True, timeout=600, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
+    (ref_dir,) = reference.iterdir()
+
+    def launch(*args: str, kill_at: tuple[str, int] | None = None) -> subprocess.Popen[str]:
+        driver = [str(KILL_DRIVER), kill_at[0], str(kill_at[1])] if kill_at else ["-m", "slmkit"]
+        command = [sys.executable, *driver, "run", str(path), *args]
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+
     rng = random.Random(1234)
     runs = tmp_path / "runs"
-    kills = during_writes = resumes = 0
-    proc = start(path, "--runs-dir", str(runs))
+    proc = launch("--runs-dir", str(runs))
     wait_for(lambda: list(runs.glob("*/checkpoints/latest.pt")), proc=proc)
     (run_dir,) = runs.iterdir()
-    folder = run_dir / "checkpoints"
-    while kills < 12:
-        if kills % 2:  # aim at a checkpoint being written
-            try:
-                wait_for(lambda: any(folder.glob(".*.tmp")), timeout=5, proc=proc, interval=0.0002)
-            except AssertionError:
-                if proc.poll() is not None:
-                    break
-        else:
-            time.sleep(rng.uniform(0.0, 0.4))
-        if proc.poll() is not None:
-            break
-        during_writes += any(folder.glob(".*.tmp"))
+    kills: list[str] = []
+    during_writes = 0
+    for kill in range(20):
+        if kill % 2:  # from inside a write
+            point = rng.choice(sorted(KILL_POINTS))
+            nth = rng.randint(1, KILL_POINTS[point])
+            proc = launch("--resume", str(run_dir), kill_at=(point, nth))
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == -signal.SIGKILL, f"{point} #{nth}: {proc.returncode} {err}"
+            kills.append(f"{point}#{nth}")
+            during_writes += 1
+            continue
+        if kill:
+            proc = launch("--resume", str(run_dir))
+        steps = rng.randint(1, 10)
+        wait_for(lambda: this_process_steps(run_dir / "log.jsonl") >= steps, proc=proc)  # noqa: B023
+        time.sleep(rng.uniform(0.0, 0.02))
         proc.kill()
         proc.wait()
-        kills += 1
+        kills.append(f"step+{steps}")
+        during_writes += any(run_dir.rglob(".*.tmp"))
         checkpoint.load_newest_good(run_dir)  # something loadable always remains
-        proc = start(path, "--resume", str(run_dir))
-        resumes += 1
-    assert proc.wait(timeout=600) == 0, proc.stderr.read() if proc.stderr else ""
-    (ref_dir,) = reference.iterdir()
+    proc = launch("--resume", str(run_dir))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
     ref, got = final_parameters(ref_dir), final_parameters(run_dir)
     mismatches = sum(not torch.equal(ref[k], got[k]) for k in ref)
+    expected = dict(logged(ref_dir, "train_step", "train_loss"))
+    losses = logged(run_dir, "train_step", "train_loss")
+    wrong = [
+        (step, loss, expected.get(step)) for step, loss in losses if expected.get(step) != loss
+    ]
+    expected_val = dict(logged(ref_dir, "eval", "val_loss"))
+    val_losses = logged(run_dir, "eval", "val_loss")
     with capsys.disabled():
-        print(f"\nSIGKILL fault injection: kills={kills} (during checkpoint writes: "
-              f"{during_writes}) resumes={resumes} mismatching tensors={mismatches}")  # fmt: skip
-    assert kills >= 10 and mismatches == 0
-    assert checkpoint.load(run_dir)["step"] == 250
+        print(
+            f"\nSIGKILL fault injection: {len(kills)} kills ({', '.join(kills)}), "
+            f"{during_writes} during file writes; {len(losses)} losses logged for "
+            f"{max_steps} steps, {len(wrong)} differ; mismatching tensors: {mismatches}"
+        )
+    assert len(kills) == 20 and during_writes >= 10
+    assert mismatches == 0
+    assert wrong == []
+    assert {step for step, _ in losses} == set(expected) == set(range(1, max_steps + 1))
+    assert all(expected_val[step] == loss for step, loss in val_losses)
+    assert {step for step, _ in val_losses} == set(expected_val)
+    assert [p.name for p in run_dir.rglob("*.tmp")] == []
+    assert checkpoint.load(run_dir)["step"] == max_steps
 
 
 # -- damaged and hostile checkpoints --------------------------------------------------------
