@@ -577,6 +577,29 @@ def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_checkpoint(
     assert (record.status, record.status_detail) == ("failed", error)
 
 
+def test_a_bug_during_a_run_is_logged_as_run_failed(
+    write_experiment, manager, tmp_path, monkeypatch, capsys
+) -> None:
+    def broken(self, run) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(Trainer, "_evaluate", broken)  # at step 3, before its checkpoint
+    runs = tmp_path / "runs"
+    assert main(["run", str(write_experiment()), "--runs-dir", str(runs)]) == 1
+    assert capsys.readouterr().err == (
+        "slmkit: internal error: ZeroDivisionError: division by zero "
+        "(run again with --debug for the traceback)\n"
+    )
+    (run_dir,) = runs.iterdir()
+    failed = read_events(run_dir / "log.jsonl")[-1]
+    error = (
+        "internal error: ZeroDivisionError: division by zero; no checkpoint had been written yet"
+    )
+    assert (failed["event"], failed["step"], failed["error"]) == ("run_failed", 3, error)
+    (record,) = list_runs(runs)
+    assert (record.status, record.status_detail) == ("failed", error)
+
+
 def test_a_new_run_never_reuses_a_run_folder(write_experiment, manager, tmp_path, monkeypatch):
     path = write_experiment()
     first = Path(trainer(path, tmp_path / "runs", manager).run()["run_dir"])
