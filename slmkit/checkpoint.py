@@ -70,13 +70,13 @@ def atomic_save(payload: dict[str, Any], path: Path) -> None:
         except RuntimeError as exc:
             # torch reports a failed write of the file (a full disk) as its own RuntimeError,
             # raised while the OSError is handled: give the caller the OSError.
-            cause = write_error(exc)
+            cause = os_error_behind(exc)
             if cause is None:
                 raise
             raise cause from None
 
 
-def write_error(exc: BaseException) -> OSError | None:
+def os_error_behind(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc``, if any: ``exc`` itself, its cause or its context."""
     seen: BaseException | None = exc
     for _ in range(8):  # a short chain; never loop on a cyclic one

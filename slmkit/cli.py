@@ -172,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batches, splits = data.val_batches, data.splits
     val_loss = evaluate(trained.model, batches, trained.device)
     if not math.isfinite(val_loss):
-        raise RunError(f"{trained.path}: the validation loss is {val_loss} (the outputs overflow)")
+        raise RunError(f"{trained.path}: the validation loss is not finite ({val_loss})")
     result = {
         "step": trained.step,
         "val_loss": val_loss,

@@ -257,7 +257,7 @@ class Trainer:
         except Exception as exc:
             kept = checkpoint.kept_note(run.run_dir)
             lost = self.world.lost_contact(exc, self.current_step, kept)
-            if lost is None:  # a bug: logged, so `slmkit runs` says failed, then shown as one
+            if lost is None:  # a bug: logged (`slmkit runs` says failed), shown as internal error
                 error = f"internal error: {type(exc).__name__}: {first_line(exc)}; {kept}"
                 self._failed(run, error)
                 raise
@@ -276,7 +276,6 @@ class Trainer:
     def open_run(self) -> Run:
         """The run folder (rank 0 creates it; the others learn its run id and path)."""
         exp = self.exp
-
         log: RunLog | NullLog = NullLog()  # rank 0 writes the log
 
         def make_folder() -> tuple[str, str]:
