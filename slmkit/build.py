@@ -26,7 +26,7 @@ from slmkit.data import (
     read_corpus,
     validation_batches,
 )
-from slmkit.errors import ConfigError, DataError
+from slmkit.errors import CheckpointError, ConfigError, DataError
 from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
 from slmkit.options import OptionValueError
@@ -264,6 +264,10 @@ def load_trained(path: str | Path, manager: PluginManager, device: str = "auto")
     if exp.model.tie_embeddings:  # to_empty gives each module its own new tensor
         model.tie_embeddings()
     model.load_state_dict(payload["model"])
+    bad = model.nonfinite_parameters()
+    if bad:  # what it would compute is NaN: refuse rather than report nan
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(f"{ckpt_path}: its weights are not finite ({bad[0]}{more})")
     model.eval()
     world_size = int(payload.get("world_size", 1))
     return TrainedModel(exp, tokenizer, model, target, int(payload["step"]), ckpt_path, world_size)

@@ -21,7 +21,7 @@ import torch
 from numpy.typing import NDArray
 
 from slmkit.errors import CheckpointError
-from slmkit.rundir import atomic_file, fsync_dir
+from slmkit.rundir import atomic_file, fsync_dir, temp_path
 
 FORMAT_VERSION = 1
 LATEST = "latest.pt"
@@ -65,13 +65,31 @@ def atomic_save(payload: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "checksum": digest(payload)}
     with atomic_file(path) as f:
-        torch.save(payload, f)
+        try:
+            torch.save(payload, f)
+        except RuntimeError as exc:
+            # torch reports a failed write of the file (a full disk) as its own RuntimeError,
+            # raised while the OSError is handled: give the caller the OSError.
+            cause = os_error_behind(exc)
+            if cause is None:
+                raise
+            raise cause from None
+
+
+def os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``, if any: ``exc`` itself, its cause or its context."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain; never loop on a cyclic one
+        if seen is None or isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def point_latest(step_file: Path) -> Path:
     """Make ``latest.pt`` beside ``step_file`` the same file, atomically (hard link)."""
     latest = step_file.with_name(LATEST)
-    tmp = step_file.with_name(f".{LATEST}.{os.getpid()}.tmp")
+    tmp = temp_path(latest)
     tmp.unlink(missing_ok=True)
     try:
         os.link(step_file, tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import traceback
 from collections.abc import Sequence
@@ -26,11 +27,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from slmkit.config.resolve import load_experiment
     from slmkit.train import Trainer
 
+    if args.resume and args.init_from:
+        raise SlmkitError(
+            "--resume continues a run in its folder, --init-from starts a new one: use one"
+        )
     manager = _manager()
     if args.sweep:
         return _run_sweep(args, manager)
     exp = load_experiment(args.experiment, manager, args.set)
-    trainer = Trainer(exp, manager, args.experiment, resume=args.resume, runs_dir=args.runs_dir)
+    trainer = Trainer(
+        exp, manager, args.experiment, resume=args.resume, init_from=args.init_from,
+        runs_dir=args.runs_dir,
+    )  # fmt: skip
     trainer.run()
     return 0
 
@@ -67,7 +75,8 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
         print(f"sweep {sweep_id}: run {index + 1}/{len(combos)}: {' '.join(combo)}")
         tag = {"id": sweep_id, "index": index, "size": len(combos), "overrides": combo}
         try:
-            Trainer(exp, manager, args.experiment, runs_dir=runs_dir, sweep=tag).run()
+            Trainer(exp, manager, args.experiment, init_from=args.init_from, runs_dir=runs_dir,
+                    sweep=tag).run()  # fmt: skip
         except (RunError, ConfigError) as exc:
             print(f"sweep {sweep_id}: run {index + 1} failed: {exc}", file=sys.stderr)
             failed.append(index + 1)
@@ -152,6 +161,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Recompute the validation loss of a saved model."""
     from slmkit.build import build_data, load_trained
+    from slmkit.errors import RunError
     from slmkit.evaluate import bits_per_char, evaluate
 
     trained = load_trained(args.run, _manager(), args.device)
@@ -161,6 +171,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     batches, splits = data.val_batches, data.splits
     val_loss = evaluate(trained.model, batches, trained.device)
+    if not math.isfinite(val_loss):
+        raise RunError(f"{trained.path}: the validation loss is not finite ({val_loss})")
     result = {
         "step": trained.step,
         "val_loss": val_loss,
@@ -250,7 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="CHECKPOINT_OR_RUN_DIR",
-        help="continue a run from a checkpoint (a run folder means its latest.pt)",
+        help="continue a run in its folder, from its newest good checkpoint (or from this "
+        "checkpoint file in its checkpoints/)",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT_OR_RUN_DIR",
+        help="start a new run from the weights (and tokenizer) of a checkpoint; a run folder "
+        "means its newest good one. Optimizer, schedule and step start fresh",
     )
     p.add_argument("--runs-dir", help="where run folders go (default: experiment.runs_dir)")
     p.add_argument(

@@ -70,6 +70,14 @@ class LanguageModel(nn.Module):
         """Number of parameters (shared tensors counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of the parameters that hold a NaN or an infinity (one device read)."""
+        named = list(self.named_parameters())
+        if not named:
+            return []
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist()
+        return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
     def param_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         """Optimizer groups: weight matrices decay; biases, norms and embeddings do not.
 

@@ -7,7 +7,8 @@
         checkpoints/          step_<N>.pt and latest.pt (slmkit.checkpoint)
 
 Every file slmkit writes goes through :func:`atomic_file`: a crash leaves the old file or
-the new one, never half of one.
+the new one, never half of one, and at worst a temporary ``.<name>.<pid>.tmp`` beside it,
+which :func:`remove_orphaned_temps` deletes when a run next opens the folder.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
     ``path`` (rename is atomic within one file system). On any error the temporary file
     is removed and ``path`` is untouched.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             yield f
@@ -43,6 +44,48 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def temp_path(path: Path) -> Path:
+    """Where this process writes ``path`` before renaming it: ``.<name>.<pid>.tmp``."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+#: the names :func:`temp_path` gives, with the writer's process id
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def remove_orphaned_temps(run_dir: Path) -> list[Path]:
+    """Delete the temporary files in ``run_dir`` that no live process is writing; return them.
+
+    A write killed before its rename leaves its temporary file behind. One named by this
+    process's id is orphaned too: this process has written nothing here yet (a killed run's
+    id may come back, as it often does in containers).
+    """
+    removed = []
+    for path in sorted(run_dir.rglob(".*.tmp")):
+        match = _TEMP_NAME.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and process_alive(pid):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -87,8 +130,26 @@ def create_run_dir(runs_dir: Path, name: str) -> tuple[str, Path]:
     raise RunError(f"cannot find a free run folder name in {runs_dir}")
 
 
-def write_run_files(run_dir: Path, experiment_toml: str, tokenizer: dict[str, Any]) -> None:
-    """What a run folder holds from its start: the experiment, the tokenizer, checkpoints/."""
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
-    write_atomic(run_dir / "experiment.toml", experiment_toml)
-    write_atomic(run_dir / "tokenizer.json", json.dumps(tokenizer, indent=1) + "\n")
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run folder: experiment.toml and log.jsonl beside checkpoints/."""
+    return (
+        (folder / "experiment.toml").is_file()
+        and (folder / "log.jsonl").is_file()
+        and (folder / "checkpoints").is_dir()
+    )
+
+
+def write_run_files(run_dir: Path, experiment_toml: str, tokenizer: dict[str, Any]) -> list[Path]:
+    """What a run folder holds from its start: the experiment, the tokenizer, checkpoints/.
+
+    Removes orphaned temporary files first (returns them). A folder that cannot be written
+    (read-only, no space) is a one-line :class:`RunError`; nothing in it is lost.
+    """
+    try:
+        removed = remove_orphaned_temps(run_dir)
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        write_atomic(run_dir / "experiment.toml", experiment_toml)
+        write_atomic(run_dir / "tokenizer.json", json.dumps(tokenizer, indent=1) + "\n")
+    except OSError as exc:
+        raise RunError(f"cannot write to the run folder {run_dir}: {exc.strerror or exc}") from None
+    return removed

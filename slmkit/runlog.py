@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
+from slmkit.errors import RunError
+
 if TYPE_CHECKING:  # reading logs (`slmkit runs`, `compare`) must not wait for torch
     import torch
 
@@ -32,6 +34,14 @@ class RunLog:
                 structlog.processors.JSONRenderer(default=str),
             ],
         ).bind(run_id=run_id)
+
+    @classmethod
+    def open(cls, path: Path, run_id: str) -> RunLog:
+        """The log of a run; one that cannot be opened for appending is a one-line error."""
+        try:
+            return cls(path, run_id)
+        except OSError as exc:
+            raise RunError(f"cannot write the run log {path}: {exc.strerror or exc}") from None
 
     def event(self, event: str, /, **fields: Any) -> None:
         """Write one event line (fields may include ``name``; not ``event``)."""

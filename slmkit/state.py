@@ -4,7 +4,9 @@ A checkpoint is everything a bit-exact resume needs, as tensors and plain values
 model, optimizer, schedule, data position, update hooks and grad scaler states, every
 RNG state, the counters of :class:`TrainState`, and the resolved experiment and tokenizer
 (so ``slmkit eval`` and ``sample`` rebuild the model from the file alone). Resuming checks
-that the experiment is the same but for :data:`RESUMABLE_CHANGES`, and the world size.
+that the experiment is the same but for :data:`RESUMABLE_CHANGES`, and the world size,
+and continues only in a real run folder. A new run may instead take its weights (and its
+tokenizer) from a checkpoint: :func:`load_init`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from slmkit.model import LanguageModel
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.run import Run
+from slmkit.rundir import is_run_folder
 from slmkit.runlog import environment
 from slmkit.stepper import Stepper
 
@@ -58,17 +61,34 @@ class Resume:
         return str(self.payload.get("run_id") or self.run_dir.name)
 
 
-def load_resume(
-    resume: str | Path, exp: Experiment, manager: PluginManager, world: World, console: Console
-) -> Resume:
-    """The newest good checkpoint of ``resume``, if its experiment matches ``exp``.
+def resume_folder(resume: Path) -> Path:
+    """The run folder ``--resume`` continues: ``resume`` itself, or the one its file is in.
 
-    Under torchrun rank 0 reads it and sends it to the others, so only rank 0's machine
-    needs the run folder.
+    Anything else is refused, naming the path: a resumed run writes into that folder.
     """
+    if resume.is_dir():
+        folder, inside = resume, True
+    else:  # <run folder>/checkpoints/<file>
+        file = checkpoint.resolve(resume).resolve()
+        folder, inside = file.parent.parent, file.parent.name == "checkpoints"
+    if not (inside and is_run_folder(folder)):
+        raise CheckpointError(
+            f"{resume}: not a run folder nor a checkpoint in one (a run folder holds "
+            "experiment.toml, log.jsonl and checkpoints/); --resume continues a run in its "
+            f"own folder, --init-from {resume} starts a new run from its weights"
+        )
+    return folder
+
+
+def _load_newest(
+    source: str | Path, world: World, console: Console, doing: str, *, resuming: bool
+) -> tuple[Path, dict[str, Any]]:
+    """Rank 0 loads the newest good checkpoint of ``source`` and sends it to every rank."""
 
     def load() -> tuple[str, dict[str, Any], list[str]]:
-        path, payload, skipped = checkpoint.load_newest_good(resume)
+        if resuming:
+            resume_folder(Path(source))
+        path, payload, skipped = checkpoint.load_newest_good(source)
         return str(path), payload, skipped
 
     name, payload, skipped = world.from_main(load)
@@ -76,7 +96,20 @@ def load_resume(
     for problem in skipped:
         console.say(f"warning: {problem}; skipping it")
     if skipped:
-        console.say(f"resuming from {path}, the newest good checkpoint")
+        console.say(f"{doing} {path}, the newest good checkpoint")
+    return path, payload
+
+
+def load_resume(
+    resume: str | Path, exp: Experiment, manager: PluginManager, world: World, console: Console
+) -> Resume:
+    """The newest good checkpoint of the run folder ``resume`` (or that checkpoint file),
+    if its experiment matches ``exp``.
+
+    Under torchrun rank 0 reads it and sends it to the others, so only rank 0's machine
+    needs the run folder.
+    """
+    path, payload = _load_newest(resume, world, console, "resuming from", resuming=True)
     # Resolved again, so keys added (with defaults) since the checkpoint was written do not
     # count as changes.
     saved = experiment_from_dict(payload["experiment"], manager, f"{path} (experiment)")
@@ -97,6 +130,56 @@ def load_resume(
             "it in any single process"
         )
     return Resume(path, payload)
+
+
+@attrs.define
+class Init:
+    """A checkpoint a new run takes its weights and tokenizer from (``--init-from``)."""
+
+    path: Path
+    payload: dict[str, Any]
+
+    def apply(self, model: LanguageModel) -> None:
+        """Load the checkpoint's weights into ``model``, whose tensors must match them."""
+        theirs, ours = self.payload["model"], model.state_dict()
+        mismatched = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
+        only_here = [k for k in ours if k not in theirs]
+        only_there = [k for k in theirs if k not in ours]
+        if mismatched or only_here or only_there:
+            if mismatched:
+                k = mismatched[0]
+                first = f"{k} is {list(theirs[k].shape)} there, {list(ours[k].shape)} here"
+            else:
+                first = f"{only_here[0]} only here" if only_here else f"{only_there[0]} only there"
+            count = len(mismatched) + len(only_here) + len(only_there)
+            more = f" (and {count - 1} more tensors)" if count > 1 else ""
+            raise CheckpointError(
+                f"{self.path}: its model does not fit this experiment's: {first}{more}"
+            )
+        model.load_state_dict(theirs)
+
+
+def load_init(
+    source: str | Path, exp: Experiment, manager: PluginManager, world: World, console: Console
+) -> Init:
+    """The newest good checkpoint of ``source`` (a run folder or a file) to start from.
+
+    Its tokenizer must be the experiment's: the weights are indexed by its token ids.
+    """
+    path, payload = _load_newest(source, world, console, "starting from", resuming=False)
+    saved = experiment_from_dict(payload["experiment"], manager, f"{path} (experiment)")
+    tokenizer_keys = [
+        k
+        for k in changed_keys(saved.to_dict(), exp.to_dict())
+        if k == "tokenizer" or k.startswith("tokenizer.")
+    ]
+    if tokenizer_keys:
+        raise CheckpointError(
+            f"{path}: its tokenizer differs from the experiment's in "
+            f"{', '.join(tokenizer_keys)}; --init-from needs the same tokenizer (the "
+            "weights are indexed by its token ids)"
+        )
+    return Init(path, payload)
 
 
 @attrs.define(eq=False)
@@ -192,6 +275,14 @@ class TrainState:
         """
         folder = run.run_dir / "checkpoints"
         path = folder / f"step_{self.step}.pt"
+        bad = self.model.nonfinite_parameters()  # the same on every rank
+        if bad:  # a checkpoint is a promise: never one of a broken model
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise RunError(
+                f"non-finite weights at step {self.step} ({bad[0]}{more}): {path} not "
+                f"written ({checkpoint.kept_note(run.run_dir)}); "
+                'training.on_nonfinite = "skip" would undo such updates instead'
+            )
         rngs = self.world.gather(checkpoint.rng_state()) if self.world.launched else None
 
         def write() -> None:

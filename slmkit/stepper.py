@@ -3,6 +3,9 @@
     for each micro-batch:  forward (autocast; forward hooks watch the first) -> backward
     then:                  update hooks -> finite? -> optimizer.step() -> zero_grad
 
+A step whose loss or gradients are not finite is never applied. Under ``on_nonfinite =
+"skip"`` an applied update that leaves a weight non-finite is undone (:class:`UpdateUndo`).
+
 :class:`Precision` decides the autocast dtype and, for fp16, the gradient scaler.
 :class:`Stepper` owns the training-mode model: wrapped in DDP under torchrun (gradients
 are all-reduced on the last micro-batch only) and compiled when asked, falling back to
@@ -12,6 +15,7 @@ eager once, with a warning, where compiling fails.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import attrs
@@ -60,6 +64,50 @@ class Precision:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
+class UpdateUndo:
+    """The weights and the optimizer's state from before an update, to put back after it.
+
+    Kept under ``on_nonfinite = "skip"`` only: a copy of every parameter and of the
+    optimizer's per-parameter state (AdamW: its two moments and step count) and of its
+    groups' settings, taken before each update. The grad scaler (fp16) keeps its new scale.
+    """
+
+    def __init__(self, model: LanguageModel, optimizer: torch.optim.Optimizer) -> None:
+        self.parameters = list(model.parameters())
+        self.optimizer = optimizer
+        self.weights: list[torch.Tensor] = []
+        self.state: dict[Any, dict[str, Any]] = {}
+        self.groups: list[dict[str, Any]] = []
+
+    def save(self) -> None:
+        """Copy the weights and the optimizer's state (into the same buffers each step)."""
+        with torch.no_grad():
+            if not self.weights:
+                self.weights = [p.detach().clone() for p in self.parameters]
+            else:
+                torch._foreach_copy_(self.weights, [p.detach() for p in self.parameters])
+        self.state = {
+            p: {k: _copy(v) for k, v in s.items()} for p, s in self.optimizer.state.items()
+        }
+        self.groups = [{k: _copy(v) for k, v in g.items() if k != "params"}
+                       for g in self.optimizer.param_groups]  # fmt: skip
+
+    def restore(self) -> None:
+        """Put back what :meth:`save` copied: the update never happened."""
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in self.parameters], self.weights)
+        self.optimizer.state.clear()  # state the update created (AdamW's first step) goes
+        self.optimizer.state.update(self.state)
+        for group, saved in zip(self.optimizer.param_groups, self.groups, strict=True):
+            group.update(saved)
+        self.state = {}
+
+
+def _copy(value: Any) -> Any:
+    """A tensor cloned, anything else deep-copied: optimizer state and settings."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
 class Stepper:
     """Takes optimizer steps: set the learning rate, then :meth:`step`."""
 
@@ -84,6 +132,7 @@ class Stepper:
         self.device = precision.device
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.skipped_steps = 0
+        self.undo = UpdateUndo(model, optimizer) if self.on_nonfinite == "skip" else None
         # DDP wraps the model for training passes only; evaluation, sampling, hooks and
         # checkpoints use the model itself (so state dicts have no "module." prefix).
         self.ddp: DistributedDataParallel | None = None
@@ -133,28 +182,47 @@ class Stepper:
         if self.update_hooks is not None:
             for entry, metrics in self.update_hooks.apply(step, log_now):
                 run.log("update_hook", step=step, name=entry.name, metrics=metrics)
-        if scaler is not None:  # fp16: the scaler skips steps with inf/NaN itself
-            scaler.step(self.optimizer)
-            scaler.update()
-        elif self._finite(loss):
-            self.optimizer.step()
-        elif self.on_nonfinite == "skip":
-            self.skipped_steps += 1
-            run.log("nonfinite_skipped", step=step, skipped_steps=self.skipped_steps)
-            self.console.say(f"step {step}: non-finite loss or gradient; update skipped")
+        # fp16: the scaler skips steps with inf/NaN gradients itself
+        if scaler is None and not self._finite(loss):
+            self._nonfinite(run, step, "loss or gradient")
         else:
-            raise RunError(
-                f"non-finite loss or gradient at step {step}: stopped "
-                f"({kept_note(run.run_dir)}); "
-                'training.on_nonfinite = "skip" would skip such steps instead'
-            )
+            if self.undo is not None:
+                self.undo.save()
+            if scaler is not None:
+                scaler.step(self.optimizer)
+                scaler.update()
+            else:
+                self.optimizer.step()
+            if self.undo is not None and not self._weights_finite():
+                self.undo.restore()
+                self._nonfinite(run, step, "weights after the update")
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _nonfinite(self, run: Run, step: int, what: str) -> None:
+        """Count and log a skipped update; or, under ``on_nonfinite = "stop"``, stop."""
+        if self.on_nonfinite == "skip":
+            self.skipped_steps += 1
+            run.log("nonfinite_skipped", step=step, skipped_steps=self.skipped_steps, cause=what)
+            self.console.say(f"step {step}: non-finite {what}; update skipped")
+            return
+        raise RunError(
+            f"non-finite {what} at step {step}: stopped ({kept_note(run.run_dir)}); "
+            'training.on_nonfinite = "skip" would skip such steps instead'
+        )
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss and every gradient are finite (one device read), on every rank."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
         return self.world.all_true(bool(torch.isfinite(loss.detach()) & torch.isfinite(total)))
+
+    def _weights_finite(self) -> bool:
+        """Whether every weight is finite (one device read), on every rank."""
+        # Their total norm, like the gradients': NaN and inf propagate (and weights past
+        # 1e19, which overflow it, are as broken). The inf-norm would be exact but is 20x
+        # slower on a CPU.
+        total = torch.nn.utils.get_total_norm(list(self.model.parameters()))
+        return self.world.all_true(bool(torch.isfinite(total)))
 
     def _grad_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[Any]:
         """DDP all-reduces gradients on the last micro-batch of a step only (``no_sync``)."""

@@ -33,7 +33,7 @@ from slmkit.build import (
 )
 from slmkit.config.schema import Experiment
 from slmkit.distributed import World
-from slmkit.errors import HookFailure, RunError
+from slmkit.errors import HookFailure, RunError, SlmkitError, first_line
 from slmkit.evaluate import Evaluator, bits_per_char, log_sample
 from slmkit.plugins import PluginManager, RunEvents
 from slmkit.progress import Console, StepMeter
@@ -41,7 +41,7 @@ from slmkit.run import Run
 from slmkit.rundir import create_run_dir, write_run_files
 from slmkit.runlog import NullLog, RunLog, environment, git_state
 from slmkit.signals import StopSignals
-from slmkit.state import TrainState, load_resume, tokenizer_record
+from slmkit.state import TrainState, load_init, load_resume, tokenizer_record
 from slmkit.stepper import Precision, Stepper
 
 
@@ -60,6 +60,7 @@ class Trainer:
         source: str,
         *,
         resume: str | Path | None = None,
+        init_from: str | Path | None = None,
         runs_dir: str | Path | None = None,
         console: Console | None = None,
         sweep: dict[str, Any] | None = None,
@@ -73,28 +74,31 @@ class Trainer:
         self.device = self.world.place(resolve_device(exp.training.device, source), source)
         self.world.join(self.device)
         try:
-            self._build(resume)
+            self._build(resume, init_from)
         except BaseException:
             self.world.leave()
             raise
 
-    def _build(self, resume: str | Path | None) -> None:
+    def _build(self, resume: str | Path | None, init_from: str | Path | None) -> None:
         """Every part of the run; every check of the input happens here."""
         exp, world, device = self.exp, self.world, self.device
-        self.resume = None if resume is None else load_resume(
-            resume, exp, self.manager, world, self.console
-        )  # fmt: skip
+        context = (exp, self.manager, world, self.console)
+        self.resume = None if resume is None else load_resume(resume, *context)
+        self.init = None if init_from is None else load_init(init_from, *context)
+        start = self.resume or self.init  # its tokenizer, not one trained again
         self.tokenizer = build_tokenizer(exp)
-        if self.resume is not None:
-            self.tokenizer.load_state_dict(self.resume.payload["tokenizer"]["state"])
+        if start is not None:
+            self.tokenizer.load_state_dict(start.payload["tokenizer"]["state"])
         self.data = build_data(
-            exp, self.tokenizer, train_tokenizer=self.resume is None,
+            exp, self.tokenizer, train_tokenizer=start is None,
             rank=world.rank, world_size=world.world_size,
         )  # fmt: skip
         # Every rank seeds alike, so the models start identical and the RNG streams stay in
         # step: an update hook that draws noise (grad_noise) draws the same on every rank.
         checkpoint.seed_all(exp.experiment.seed)
         self.model = build_model(exp, self.tokenizer).to(device)
+        if self.init is not None:
+            self.init.apply(self.model)
         precision = Precision.of(exp, device)
         forward_hooks = build_forward_hooks(exp, self.model)  # on every rank: same errors
         # Forward hooks observe (and may write files): on rank 0 only, seeing its share.
@@ -241,40 +245,53 @@ class Trainer:
             yield
         except HookFailure as exc:
             message = f"{exc} at step {self.current_step}; {checkpoint.kept_note(run.run_dir)}"
-            run.log("run_failed", step=self.current_step, error=message)
+            self._failed(run, message)
             raise RunError(self.world.label + message) from exc
         except RunError as exc:
-            run.log("run_failed", step=self.current_step, error=str(exc))
+            self._failed(run, str(exc))
             if self.world.launched:
                 raise RunError(self.world.label + str(exc)) from exc
             raise
-        except RuntimeError as exc:
+        except SlmkitError:  # RunInterrupted: StopSignals logged it
+            raise
+        except Exception as exc:
             kept = checkpoint.kept_note(run.run_dir)
             lost = self.world.lost_contact(exc, self.current_step, kept)
-            if lost is None:
+            if lost is None:  # a bug: logged (`slmkit runs` says failed), shown as internal error
+                error = f"internal error: {type(exc).__name__}: {first_line(exc)}; {kept}"
+                self._failed(run, error)
                 raise
-            run.log("run_failed", step=self.current_step, error=str(lost))
+            self._failed(run, str(lost))
             raise lost from None
         finally:
             self.console.close()
             run.logger.close()
             self.world.leave()  # before the signal handlers go back: torchrun may still signal
 
+    def _failed(self, run: Run, error: str) -> None:
+        """Log ``run_failed``; a log that cannot be written (a full disk) hides no error."""
+        with contextlib.suppress(OSError):
+            run.log("run_failed", step=self.current_step, error=error)
+
     def open_run(self) -> Run:
         """The run folder (rank 0 creates it; the others learn its run id and path)."""
         exp = self.exp
+        log: RunLog | NullLog = NullLog()  # rank 0 writes the log
 
         def make_folder() -> tuple[str, str]:
+            nonlocal log
             if self.resume is not None:
                 run_id, run_dir = self.resume.run_id, self.resume.run_dir
             else:
                 run_id, run_dir = create_run_dir(self.runs_dir, exp.experiment.name)
-            write_run_files(run_dir, exp.to_toml(), tokenizer_record(exp, self.tokenizer))
+            removed = write_run_files(run_dir, exp.to_toml(), tokenizer_record(exp, self.tokenizer))
+            if removed:
+                self.console.say(f"removed {len(removed)} temporary file(s) of killed writes")
+            log = RunLog.open(run_dir / "log.jsonl", run_id)
             return run_id, str(run_dir)
 
         run_id, folder = self.world.from_main(make_folder)
         run_dir = Path(folder)
-        log = RunLog(run_dir / "log.jsonl", run_id) if self.world.is_main else NullLog()
         return Run(run_id, run_dir, exp, self.model, self.tokenizer, self.device, log, self.world)
 
     def _run_start_fields(self) -> dict[str, Any]:
@@ -293,6 +310,7 @@ class Trainer:
             **self.data.describe(exp.data.corpus),  # corpus, train_tokens, val_tokens
             "max_steps": exp.training.max_steps,
             "resumed_from_step": self.state.step if self.resume is not None else None,
+            "init_from": str(self.init.path) if self.init is not None else None,
             "pid": os.getpid(),  # lets `slmkit runs` tell a live run from a killed one
             "sweep": self.sweep,
             "world_size": self.world.world_size,

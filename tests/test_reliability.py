@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from slmkit.errors import CheckpointError, RunError
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
+from slmkit.runs import list_runs
 from slmkit.train import Trainer
 
 
@@ -93,52 +97,120 @@ def test_a_signal_saves_a_checkpoint_and_resume_completes_exactly(
     assert_equal_parameters(final_parameters(run_dir), final_parameters(full))
 
 
+#: where kill_driver.py may kill a process (see there), and the largest N drawn for each:
+#: a checkpoint calls torch.save once, os.fsync 3 times, os.replace twice and os.link once,
+#: and a (re)started run writes experiment.toml and tokenizer.json (2 fsyncs, 1 replace each)
+KILL_POINTS = {"save": 12, "fsync": 40, "replace": 26, "link": 12}
+KILL_DRIVER = Path(__file__).with_name("kill_driver.py")
+
+
+def child_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of the runs the SIGKILL test starts: one thread each (the same in
+    every process, as bit-exactness needs), and Python's bytecode cached outside the source
+    trees, so that each of two dozen starts does not compile torch again."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.getbasetemp() / "pycache")
+    return env
+
+
+def this_process_steps(log: Path) -> int:
+    """train_step events logged since the last run_start."""
+    count = 0
+    for event in read_events(log) if log.exists() else []:
+        if event["event"] == "run_start":
+            count = 0
+        count += event["event"] == "train_step"
+    return count
+
+
+def logged(run_dir: Path, name: str, key: str) -> list[tuple[int, float]]:
+    """``(step, event[key])`` of every ``name`` event, in the order logged."""
+    return [(e["step"], e[key]) for e in read_events(run_dir / "log.jsonl") if e["event"] == name]
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_moments_loses_nothing(write_experiment, tmp_path, capsys) -> None:
-    """Kill a run again and again, some kills landing inside checkpoint writes; resume each
-    time; the end result must equal an uninterrupted run's, to the bit."""
-    path = write_experiment({"training": {"max_steps": 250, "checkpoint_every": 1,
-                                          "keep_checkpoints": 2, "eval_every": 0,
-                                          "log_every": 25},
+def test_sigkill_at_random_moments_loses_nothing(
+    write_experiment, tmp_path, tmp_path_factory, capsys
+) -> None:
+    """Kill a run 20 times (seeded): every other kill from inside a file write, at a point
+    drawn from KILL_POINTS; the others after a random number of steps, wherever the process
+    then is (mostly checkpointing: it checkpoints every step). Resume after each. Every loss
+    logged, by whichever process, and the final parameters must be those of a run never
+    interrupted, to the bit, and no temporary file may be left."""
+    max_steps = 400
+    path = write_experiment({"training": {"max_steps": max_steps, "checkpoint_every": 1,
+                                          "keep_checkpoints": 2, "eval_every": 50,
+                                          "log_every": 1},
                              "sampling": {"every": 0}})  # fmt: skip
+    env = child_env(tmp_path_factory)
     reference = tmp_path / "reference"
     done = subprocess.run([sys.executable, "-m", "slmkit", "run", str(path), "--runs-dir",
-                           str(reference)], capture_output=True, timeout=600)  # fmt: skip
+                           str(reference)], capture_output=True, timeout=600, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
+    (ref_dir,) = reference.iterdir()
+
+    def launch(*args: str, kill_at: tuple[str, int] | None = None) -> subprocess.Popen[str]:
+        driver = [str(KILL_DRIVER), kill_at[0], str(kill_at[1])] if kill_at else ["-m", "slmkit"]
+        command = [sys.executable, *driver, "run", str(path), *args]
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+
     rng = random.Random(1234)
     runs = tmp_path / "runs"
-    kills = during_writes = resumes = 0
-    proc = start(path, "--runs-dir", str(runs))
+    proc = launch("--runs-dir", str(runs))
     wait_for(lambda: list(runs.glob("*/checkpoints/latest.pt")), proc=proc)
     (run_dir,) = runs.iterdir()
-    folder = run_dir / "checkpoints"
-    while kills < 12:
-        if kills % 2:  # aim at a checkpoint being written
-            try:
-                wait_for(lambda: any(folder.glob(".*.tmp")), timeout=5, proc=proc, interval=0.0002)
-            except AssertionError:
-                if proc.poll() is not None:
-                    break
-        else:
-            time.sleep(rng.uniform(0.0, 0.4))
-        if proc.poll() is not None:
-            break
-        during_writes += any(folder.glob(".*.tmp"))
+    kills: list[str] = []
+    during_writes = 0
+    for kill in range(20):
+        if kill % 2:  # from inside a write
+            point = rng.choice(sorted(KILL_POINTS))
+            nth = rng.randint(1, KILL_POINTS[point])
+            proc = launch("--resume", str(run_dir), kill_at=(point, nth))
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == -signal.SIGKILL, f"{point} #{nth}: {proc.returncode} {err}"
+            kills.append(f"{point}#{nth}")
+            during_writes += 1
+            continue
+        if kill:
+            proc = launch("--resume", str(run_dir))
+        steps = rng.randint(1, 10)
+        wait_for(lambda: this_process_steps(run_dir / "log.jsonl") >= steps, proc=proc)  # noqa: B023
+        time.sleep(rng.uniform(0.0, 0.02))
         proc.kill()
         proc.wait()
-        kills += 1
+        kills.append(f"step+{steps}")
+        during_writes += any(run_dir.rglob(".*.tmp"))
         checkpoint.load_newest_good(run_dir)  # something loadable always remains
-        proc = start(path, "--resume", str(run_dir))
-        resumes += 1
-    assert proc.wait(timeout=600) == 0, proc.stderr.read() if proc.stderr else ""
-    (ref_dir,) = reference.iterdir()
+    proc = launch("--resume", str(run_dir))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+
     ref, got = final_parameters(ref_dir), final_parameters(run_dir)
     mismatches = sum(not torch.equal(ref[k], got[k]) for k in ref)
+    expected = dict(logged(ref_dir, "train_step", "train_loss"))
+    losses = logged(run_dir, "train_step", "train_loss")
+    wrong = [
+        (step, loss, expected.get(step)) for step, loss in losses if expected.get(step) != loss
+    ]
+    expected_val = dict(logged(ref_dir, "eval", "val_loss"))
+    val_losses = logged(run_dir, "eval", "val_loss")
     with capsys.disabled():
-        print(f"\nSIGKILL fault injection: kills={kills} (during checkpoint writes: "
-              f"{during_writes}) resumes={resumes} mismatching tensors={mismatches}")  # fmt: skip
-    assert kills >= 10 and mismatches == 0
-    assert checkpoint.load(run_dir)["step"] == 250
+        print(
+            f"\nSIGKILL fault injection: {len(kills)} kills ({', '.join(kills)}), "
+            f"{during_writes} during file writes; {len(losses)} losses logged for "
+            f"{max_steps} steps, {len(wrong)} differ; mismatching tensors: {mismatches}"
+        )
+    assert len(kills) == 20 and during_writes >= 10
+    assert mismatches == 0
+    assert wrong == []
+    assert {step for step, _ in losses} == set(expected) == set(range(1, max_steps + 1))
+    assert all(expected_val[step] == loss for step, loss in val_losses)
+    assert {step for step, _ in val_losses} == set(expected_val)
+    assert [p.name for p in run_dir.rglob("*.tmp")] == []
+    assert checkpoint.load(run_dir)["step"] == max_steps
 
 
 # -- damaged and hostile checkpoints --------------------------------------------------------
@@ -286,6 +358,127 @@ def test_nonfinite_skip_skips_that_update_and_counts_it(write_experiment, tmp_pa
     assert all(torch.isfinite(t).all() for t in final_parameters(run_dir).values())
 
 
+class Spike:
+    """A schedule plugin: an infinite learning rate at step ``at``, whose update makes the
+    weights non-finite although its loss and gradients are finite."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    @slmkit.hookimpl
+    def register_schedules(self, register) -> None:
+        register("spike", lambda options, max_steps: self.multiplier)
+
+    def multiplier(self, step: int) -> float:
+        return float("inf") if step + 1 == self.at else 1.0  # schedules count from 0
+
+
+class AfterEachStep:
+    """A plugin that copies the weights and the optimizer's state after every step."""
+
+    def __init__(self) -> None:
+        self.trainer: Trainer | None = None
+        self.saved: dict[int, tuple[dict, dict]] = {}
+
+    @slmkit.hookimpl
+    def on_step_end(self, step: int) -> None:
+        assert self.trainer is not None
+        model = {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
+        state = self.trainer.optimizer.state_dict()["state"]
+        moments = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in state.items()}  # fmt: skip
+        self.saved[step] = (model, moments)
+
+
+def same_values(a, b) -> bool:
+    """Nested dicts and tuples of tensors and plain values, equal to the bit."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b, strict=True))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    return bool(a == b)
+
+
+def spiked(write_experiment, mode: str, at: int) -> tuple[Path, PluginManager]:
+    manager = PluginManager(entry_points=False).load()
+    manager.add(Spike(at), "spike-plugin")
+    path = write_experiment({
+        "plugins": {"enable": ["spike-plugin"]},
+        "schedule": {"name": "spike"},
+        "training": {"checkpoint_every": 2, "on_nonfinite": mode},
+    })  # fmt: skip
+    return path, manager
+
+
+def test_weights_made_non_finite_by_an_update_are_never_checkpointed(write_experiment, tmp_path):
+    path, manager = spiked(write_experiment, "stop", at=4)
+    runs = tmp_path / "runs"
+    with pytest.raises(RunError) as caught:
+        trainer(path, runs, manager).run()
+    (run_dir,) = runs.iterdir()
+    folder = run_dir / "checkpoints"
+    message = str(caught.value)
+    assert re.fullmatch(
+        re.escape("non-finite weights at step 4 (tok_emb.weight and ")
+        + r"\d+"
+        + re.escape(
+            f" more): {folder / 'step_4.pt'} not written (the last checkpoint, "
+            f"{folder / 'latest.pt'}, is intact); "
+            'training.on_nonfinite = "skip" would undo such updates instead'
+        ),
+        message,
+    ), message
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_2.pt"]
+    saved = checkpoint.load(folder / "latest.pt")
+    assert saved["step"] == 2
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+    failed = read_events(run_dir / "log.jsonl")[-1]
+    assert (failed["event"], failed["step"], failed["error"]) == ("run_failed", 4, message)
+
+
+@pytest.mark.parametrize("cause", ["loss or gradient", "weights after the update"])
+def test_a_skipped_update_leaves_weights_and_optimizer_moments_as_they_were(
+    write_experiment, tmp_path, cause
+) -> None:
+    if cause == "loss or gradient":  # NaN gradients: the optimizer never steps
+        path, manager = poisoned(write_experiment, "skip")
+    else:  # finite gradients, non-finite weights after the step: the update is undone
+        path, manager = spiked(write_experiment, "skip", at=3)
+    watch = AfterEachStep()
+    manager.add(watch, "watch-plugin")
+    enable = [*load_experiment(path, manager).plugins.enable, "watch-plugin"]
+    exp = load_experiment(path, manager, [f"plugins.enable={enable!r}"])
+    run = Trainer(exp, manager, str(path), runs_dir=tmp_path / "runs", console=Console(quiet=True))
+    watch.trainer = run
+    summary = run.run()
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    run_dir = Path(summary["run_dir"])
+    events = read_events(run_dir / "log.jsonl")
+    skipped = [(e["step"], e["skipped_steps"], e["cause"])
+               for e in events if e["event"] == "nonfinite_skipped"]  # fmt: skip
+    assert skipped == [(3, 1, cause)]
+    # step 3 changed nothing: the weights and AdamW's moments and step counts are step 2's
+    assert same_values(watch.saved[3], watch.saved[2])
+    assert watch.saved[2][1] and not same_values(watch.saved[4], watch.saved[3])
+    assert int(watch.saved[4][1][0]["step"]) == 3  # AdamW counted the three applied updates
+    assert all(torch.isfinite(t).all() for t in final_parameters(run_dir).values())
+
+
+def test_eval_and_sample_refuse_a_model_with_non_finite_weights(finished_run, tmp_path, capsys):
+    _, run_dir = finished_run
+    payload = checkpoint.load(run_dir)
+    payload["model"]["blocks.1.mlp.fc.weight"][0, 0] = float("nan")
+    broken = tmp_path / "broken.pt"
+    checkpoint.atomic_save(payload, broken)  # a sound file (checksum and all) of a NaN model
+    for command in ("eval", "sample"):
+        assert main([command, str(broken), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == (
+            f"slmkit: error: {broken}: its weights are not finite (blocks.1.mlp.fc.weight)\n"
+        )
+
+
 def test_a_diverging_learning_rate_stops_the_run(write_experiment, manager, tmp_path) -> None:
     path = write_experiment({"optimizer": {"learning_rate": 1e30},
                              "training": {"max_steps": 30}})  # fmt: skip
@@ -321,6 +514,90 @@ def test_a_full_disk_while_checkpointing_is_reported_and_loses_nothing(
     )
     assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_3.pt"]
     assert checkpoint.load(folder / "latest.pt")["step"] == 3
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB file system (tmpfs) that can fill up; skipped where mounting is refused."""
+    folder = tmp_path / "tmpfs"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+class FillDisk:
+    """A plugin that fills ``folder``'s file system right after the checkpoint of step
+    ``at``, leaving ``room`` bytes: enough for the log, too few for another checkpoint."""
+
+    def __init__(self, folder: Path, at: int, room: int) -> None:
+        self.folder, self.at, self.room = folder, at, room
+
+    @slmkit.hookimpl
+    def on_checkpoint(self, step: int) -> None:
+        if step != self.at:
+            return
+        filler = self.folder / "filler"
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while f.write(b"\0" * 65536):
+                pass
+        os.truncate(filler, max(0, filler.stat().st_size - self.room))
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_keeps_the_last_checkpoint(
+    write_experiment, small_tmpfs, monkeypatch, capsys
+) -> None:
+    manager = PluginManager(entry_points=False).load()
+    manager.add(FillDisk(small_tmpfs, at=3, room=64 * 1024), "fill-disk")
+    monkeypatch.setattr("slmkit.cli._manager", lambda: manager)
+    path = write_experiment({"plugins": {"enable": ["fill-disk"]}})
+    runs = small_tmpfs / "runs"
+    assert main(["run", str(path), "--runs-dir", str(runs)]) == 1
+    (run_dir,) = runs.iterdir()
+    folder = run_dir / "checkpoints"
+    error = (
+        f"could not write checkpoint {folder / 'step_6.pt'}: [Errno 28] No space left on "
+        f"device; the last checkpoint, {folder / 'latest.pt'}, is intact"
+    )
+    assert capsys.readouterr().err == f"slmkit: error: {error}\n"
+    # no temporary file left, the previous checkpoint whole
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", "step_3.pt"]
+    assert [p.name for p in run_dir.rglob(".*")] == []
+    assert checkpoint.load(folder / "latest.pt")["step"] == 3
+    failed = read_events(run_dir / "log.jsonl")[-1]
+    assert (failed["event"], failed["step"], failed["error"]) == ("run_failed", 6, error)
+    (record,) = list_runs(runs)
+    assert (record.status, record.status_detail) == ("failed", error)
+
+
+def test_a_bug_during_a_run_is_logged_as_run_failed(
+    write_experiment, manager, tmp_path, monkeypatch, capsys
+) -> None:
+    def broken(self, run) -> None:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(Trainer, "_evaluate", broken)  # at step 3, before its checkpoint
+    runs = tmp_path / "runs"
+    assert main(["run", str(write_experiment()), "--runs-dir", str(runs)]) == 1
+    assert capsys.readouterr().err == (
+        "slmkit: internal error: ZeroDivisionError: division by zero "
+        "(run again with --debug for the traceback)\n"
+    )
+    (run_dir,) = runs.iterdir()
+    failed = read_events(run_dir / "log.jsonl")[-1]
+    error = (
+        "internal error: ZeroDivisionError: division by zero; no checkpoint had been written yet"
+    )
+    assert (failed["event"], failed["step"], failed["error"]) == ("run_failed", 3, error)
+    (record,) = list_runs(runs)
+    assert (record.status, record.status_detail) == ("failed", error)
 
 
 def test_a_new_run_never_reuses_a_run_folder(write_experiment, manager, tmp_path, monkeypatch):
