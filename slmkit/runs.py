@@ -15,7 +15,7 @@ import math
 import os
 import tomllib
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +232,30 @@ def list_runs(runs_dir: str | Path, *, sweep: str | None = None) -> list[RunReco
     records = [read_run(p) for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p)]
     if sweep is not None:
         records = [r for r in records if (r.sweep or {}).get("id") == sweep]
-    records.sort(key=lambda r: (r.started or "", r.run_id), reverse=True)
-    return records
+    return newest_first(records)
+
+
+def started_at(record: RunRecord) -> datetime:
+    """When the run first started (its first ``run_start``); the distant past if unknown."""
+    try:
+        when = datetime.fromisoformat((record.started or "").replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def newest_first(records: Sequence[RunRecord]) -> list[RunRecord]:
+    """Runs by the time of their first ``run_start``, the newest first.
+
+    Never by folder name: run ids tell the second only, and runs of one second would then
+    sort by their random suffix. Runs logged in the same microsecond (never seen) fall
+    back to the sweep index (a sweep runs them in that order), then the run id.
+    """
+    return sorted(
+        records,
+        key=lambda r: (started_at(r), (r.sweep or {}).get("index", -1), r.run_id),
+        reverse=True,
+    )
 
 
 def resolve_run(name: str, runs_dir: str | Path) -> Path:

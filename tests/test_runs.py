@@ -228,7 +228,10 @@ def rewrite_log(run_dir: Path, events: list[dict[str, Any]]) -> None:
 
 
 def test_status_running_stopped_failed_from_the_log(sweep_runs, tmp_path: Path) -> None:
-    source = folders(sweep_runs["runs_dir"])[0]
+    # the sweep's first run, a 6-step run: not whichever folder sorts first by name (the
+    # plain 3-step run, when the random suffixes of one second put it first)
+    source = sweep_folders(sweep_runs)[-1]
+    assert read_run(source).sweep["index"] == 0 and read_run(source).steps == 6
     events = read_events(source / "log.jsonl")
     cut = [e for e in events if e["event"] not in ("run_end",) and e.get("step", 0) <= 4]
 
@@ -251,6 +254,28 @@ def test_status_running_stopped_failed_from_the_log(sweep_runs, tmp_path: Path) 
     rows = {line.split()[0]: line.split()[2:4] for line in out.splitlines()[1:]}
     assert rows == {"live": ["running", "4/6"], "killed": ["stopped", "4/6"],
                     "failed": ["failed", "5/6"], "stopped": ["stopped", "4/6"]}  # fmt: skip
+
+
+def test_newest_is_decided_by_the_start_time_not_by_the_folder_name(tmp_path: Path) -> None:
+    # three runs of one second whose random suffixes sort against the order they started
+    # in, a sweep whose two runs logged the same microsecond, and a run with no run_start
+    starts = {
+        "20261201-100000-tiny-ffff": ("2026-12-01T10:00:00.100000Z", None),
+        "20261201-100000-tiny-0000": ("2026-12-01T10:00:00.900000Z", None),
+        "20261201-100000-tiny-8888": ("2026-12-01T10:00:00Z", None),  # no fraction written
+        "20261201-100001-tiny-aaaa": ("2026-12-01T10:00:01.5Z", {"id": "s", "index": 1}),
+        "20261201-100001-tiny-bbbb": ("2026-12-01T10:00:01.5Z", {"id": "s", "index": 0}),
+    }
+    for run_id, (timestamp, sweep) in starts.items():
+        (tmp_path / run_id).mkdir()
+        rewrite_log(tmp_path / run_id, [{"event": "run_start", "run_id": run_id,
+                                         "timestamp": timestamp, "sweep": sweep}])  # fmt: skip
+    (tmp_path / "no-start").mkdir()
+    rewrite_log(tmp_path / "no-start", [{"event": "train_step", "step": 1, "train_loss": 1.0}])
+    order = [r.run_id for r in list_runs(tmp_path)]
+    assert order == ["20261201-100001-tiny-aaaa", "20261201-100001-tiny-bbbb",
+                     "20261201-100000-tiny-0000", "20261201-100000-tiny-ffff",
+                     "20261201-100000-tiny-8888", "no-start"]  # fmt: skip
 
 
 def test_a_resumed_run_keeps_the_resumed_values_of_retrained_steps(tmp_path: Path) -> None:
