@@ -77,7 +77,11 @@ class RunRecord:
         return None if self.tokens_per_step is None else self.steps * self.tokens_per_step
 
     def as_json(self) -> dict[str, Any]:
-        """The record for ``slmkit runs --json``: plain values, curves left out."""
+        """The record for ``slmkit runs --json``: plain values (NaN as null), no curves."""
+        return {key: None if isinstance(v, float) and not math.isfinite(v) else v
+                for key, v in self._plain().items()}  # fmt: skip
+
+    def _plain(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "run_dir": str(self.run_dir),
@@ -147,6 +151,11 @@ def _tokens_per_step(experiment: dict[str, Any], start: dict[str, Any]) -> int |
         return None
 
 
+def _loss(value: Any) -> float:
+    """A logged loss; ``null`` (a non-finite value, see ``nonfinite``) reads as NaN."""
+    return math.nan if value is None else float(value)
+
+
 def read_run(run_dir: str | Path) -> RunRecord:
     """Read one run folder; raises :class:`SlmkitError` when it is not one."""
     run_dir = Path(run_dir)
@@ -181,10 +190,10 @@ def read_run(run_dir: str | Path) -> RunRecord:
         if isinstance(step, int):
             steps = max(steps, step)
         if name == "train_step" and step is not None:
-            train[step] = float(event["train_loss"])
+            train[step] = _loss(event.get("train_loss"))
             train_tokens_per_s = event.get("tokens_per_s")
         elif name == "eval" and step is not None:
-            val[step] = (float(event["val_loss"]), event.get("val_bpc"))
+            val[step] = (_loss(event.get("val_loss")), event.get("val_bpc"))
         elif name == "sample":
             sample = event.get("sample_text")
 
@@ -193,7 +202,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
     end = next((e for e in reversed(segment) if e.get("event") == "run_end"), None)
     summary = end.get("summary", {}) if end else {}
     last = val[max(val)] if val else None
-    best_step = min(val, key=lambda s: val[s][0]) if val else None
+    finite = [s for s in val if math.isfinite(val[s][0])]
+    best_step = min(finite, key=lambda s: val[s][0]) if finite else None
     best = val[best_step] if best_step is not None else None
     return RunRecord(
         run_id=str(start.get("run_id") or run_dir.name),

@@ -9,6 +9,7 @@ that the experiment is the same but for :data:`RESUMABLE_CHANGES`, and the world
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,13 @@ def load_resume(
             f"{path}: the experiment differs from the checkpoint's in "
             f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may change"
         )
+    step, max_steps = int(payload["step"]), exp.training.max_steps
+    if max_steps < step:  # checked before the run folder's files are written again
+        raise CheckpointError(
+            f"{path}: the checkpoint is at step {step}, past training.max_steps = "
+            f"{max_steps}; resume with training.max_steps >= {step} "
+            f"(--set training.max_steps=N)"
+        )
     saved_ranks = int(payload.get("world_size", 1))
     if saved_ranks != world.world_size:
         raise CheckpointError(
@@ -119,8 +127,10 @@ class TrainState:
     last_val_loss: float | None = None
 
     def record_eval(self, val_loss: float) -> None:
-        """Remember a validation loss (the latest and the best so far)."""
+        """Remember a validation loss (the latest, and the best so far of the finite ones)."""
         self.last_val_loss = val_loss
+        if not math.isfinite(val_loss):
+            return
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
 

@@ -18,6 +18,7 @@ from conftest import assert_same_parameters, losses, train
 
 import slmkit
 from slmkit import checkpoint
+from slmkit.cli import main
 from slmkit.config.resolve import load_experiment
 from slmkit.errors import CheckpointError
 from slmkit.plugins import PluginManager
@@ -102,6 +103,22 @@ def test_resume_refuses_a_changed_experiment(write_experiment, manager, tmp_path
         CheckpointError, match=r"differs .* in model.dropout, optimizer.weight_decay"
     ):
         Trainer(exp, manager, str(path), resume=run_dir, console=Console(quiet=True))
+
+
+def test_resume_below_the_checkpoints_step_is_refused_and_rewrites_nothing(
+    write_experiment, manager, tmp_path, capsys
+) -> None:
+    path = write_experiment()
+    run_dir = train(path, tmp_path / "runs", manager)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code = main(["run", str(path), "--resume", str(run_dir), "--set", "training.max_steps=5"])
+    assert code == 2
+    latest = run_dir / "checkpoints" / "latest.pt"
+    assert capsys.readouterr().err == (
+        f"slmkit: error: {latest}: the checkpoint is at step 6, past training.max_steps = 5; "
+        "resume with training.max_steps >= 6 (--set training.max_steps=N)\n"
+    )
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_run_events_reach_participating_plugins(write_experiment, tmp_path) -> None:
