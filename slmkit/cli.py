@@ -30,7 +30,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sweep:
         return _run_sweep(args, manager)
     exp = load_experiment(args.experiment, manager, args.set)
-    trainer = Trainer(exp, manager, args.experiment, resume=args.resume, runs_dir=args.runs_dir)
+    trainer = Trainer(exp, manager, args.experiment, resume=args.resume, runs_dir=args.runs_dir,
+                      overrides=args.set)  # fmt: skip
     trainer.run()
     return 0
 
@@ -67,7 +68,8 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
         print(f"sweep {sweep_id}: run {index + 1}/{len(combos)}: {' '.join(combo)}")
         tag = {"id": sweep_id, "index": index, "size": len(combos), "overrides": combo}
         try:
-            Trainer(exp, manager, args.experiment, runs_dir=runs_dir, sweep=tag).run()
+            Trainer(exp, manager, args.experiment, runs_dir=runs_dir, sweep=tag,
+                    overrides=[*args.set, *combo]).run()  # fmt: skip
         except (RunError, ConfigError) as exc:
             print(f"sweep {sweep_id}: run {index + 1} failed: {exc}", file=sys.stderr)
             failed.append(index + 1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,7 +40,7 @@ from slmkit.progress import Console, StepMeter
 from slmkit.run import Run
 from slmkit.rundir import create_run_dir, write_run_files
 from slmkit.runlog import NullLog, RunLog, environment, git_state
-from slmkit.signals import StopSignals
+from slmkit.signals import StopSignals, resume_command
 from slmkit.state import TrainState, load_resume, tokenizer_record
 from slmkit.stepper import Precision, Stepper
 
@@ -63,9 +63,11 @@ class Trainer:
         runs_dir: str | Path | None = None,
         console: Console | None = None,
         sweep: dict[str, Any] | None = None,
+        overrides: Sequence[str] = (),
     ) -> None:
         self.exp, self.manager, self.source = exp, manager, source
         self.sweep = sweep  # {"id", "index", "size", "overrides"} when part of a sweep
+        self.overrides = list(overrides)  # the --set values behind exp: the resume hint's
         # Under torchrun only rank 0 talks to the user and writes files.
         self.world = World.from_env()
         self.console = (console or Console()) if self.world.is_main else Console(quiet=True)
@@ -231,7 +233,9 @@ class Trainer:
         path = run.run_dir / "checkpoints" / f"step_{step}.pt"
         if not saved:
             path = self.save_checkpoint(run)
-        resume = f"slmkit run {self.source} --resume {run.run_dir}"
+        resume = resume_command(
+            self.source, self.overrides, run.run_dir, torchrun=self.world.launched
+        )
         raise self.stop.interrupted(run, step, path, resume)
 
     @contextlib.contextmanager
