@@ -27,6 +27,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from slmkit.train import Trainer
 
     manager = _manager()
+    if args.threads is not None:  # short for --set training.threads=N
+        args.set = [*args.set, f"training.threads={args.threads}"]
     if args.sweep:
         return _run_sweep(args, manager)
     exp = load_experiment(args.experiment, manager, args.set)
@@ -256,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runs-dir", help="where run folders go (default: experiment.runs_dir)")
     p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch's CPU threads: --set training.threads=N (default: torch's own count; "
+        "1 is often much faster when other work shares the cores)",
+    )
+    p.add_argument(
         "--sweep",
         action="append",
         default=[],
@@ -309,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if (getattr(args, "threads", None) or 0) < 0:
+        raise SlmkitError("--threads: must be >= 0 (0: torch's own count)")
     if getattr(args, "max_new_tokens", 1) <= 0:
         raise SlmkitError("--max-new-tokens: must be > 0")
     if getattr(args, "temperature", 1.0) <= 0:

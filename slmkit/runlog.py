@@ -15,6 +15,7 @@ import math
 import platform
 import subprocess
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -50,7 +51,7 @@ class RunLog:
         self._file.close()
 
 
-def finite_fields(_logger: Any, _method: str, fields: dict[str, Any]) -> dict[str, Any]:
+def finite_fields(_logger: Any, _method: str, fields: MutableMapping[str, Any]) -> dict[str, Any]:
     """The event with NaN and infinite floats as ``None``, listed in ``nonfinite``.
 
     (A structlog processor: JSON has no NaN or Infinity, and parsers other than Python's

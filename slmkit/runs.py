@@ -12,7 +12,6 @@ drop them and keep the values of the resumed process.
 from __future__ import annotations
 
 import math
-import os
 import tomllib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,7 +20,15 @@ from typing import Any
 
 import attrs
 
+from slmkit.config.diff import config_hash
 from slmkit.errors import SlmkitError
+from slmkit.run_segments import (
+    environment_history,
+    split_segments,
+    started,
+    status,
+    whole_run_tokens_per_s,
+)
 from slmkit.runlog import read_events
 from slmkit.table import format_table
 
@@ -67,6 +74,8 @@ class RunRecord:
     started: str | None
     sweep: dict[str, Any] | None
     experiment: dict[str, Any]
+    #: the run_start environment fields, each with its values over the run's processes
+    environment: dict[str, list[Any]]
     train_curve: Curve
     val_curve: Curve
     last_sample: str | None
@@ -102,41 +111,13 @@ class RunRecord:
             "git_dirty": self.git_dirty,
             "started": self.started,
             "sweep": self.sweep,
+            "environment": self.environment,
         }
 
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` looks like a run folder (it has a log)."""
     return (path / "log.jsonl").is_file()
-
-
-def _process_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
-def _status(segment: list[dict[str, Any]]) -> tuple[str, str]:
-    """Status and a few words of why, from the events since the last ``run_start``."""
-    names = {e.get("event") for e in segment}
-    if "run_end" in names:
-        return "finished", "run_end logged"
-    if "run_failed" in names:
-        failed = next(e for e in reversed(segment) if e.get("event") == "run_failed")
-        return "failed", str(failed.get("error", "run_failed logged"))
-    if "run_interrupted" in names:
-        stop = next(e for e in reversed(segment) if e.get("event") == "run_interrupted")
-        return "stopped", f"{stop.get('signal', 'signal')} at step {stop.get('step')}"
-    start = segment[0] if segment else {}
-    if _process_alive(start.get("pid")):
-        return "running", f"process {start['pid']}"
-    return "stopped", "the process ended without logging why (killed?)"
 
 
 def _tokens_per_step(experiment: dict[str, Any], start: dict[str, Any]) -> int | None:
@@ -167,26 +148,21 @@ def read_run(run_dir: str | Path) -> RunRecord:
     except (OSError, tomllib.TOMLDecodeError):
         experiment = {}
     events = read_events(log)
+    segments = split_segments(events)
 
     train: dict[int, float] = {}
     val: dict[int, tuple[float, float | None]] = {}
-    first_start: dict[str, Any] = {}
-    segment: list[dict[str, Any]] = []
     steps = 0
     train_tokens_per_s: float | None = None
     sample: str | None = None
     for event in events:
         name = event.get("event")
         step = event.get("step")
-        if name == "run_start":
-            first_start = first_start or event
-            resumed = event.get("resumed_from_step")
-            if resumed is not None:  # steps past the checkpoint were trained again
-                train = {s: v for s, v in train.items() if s <= resumed}
-                val = {s: v for s, v in val.items() if s <= resumed}
-                steps = min(steps, int(resumed))
-            segment = []
-        segment.append(event)
+        resumed = event.get("resumed_from_step") if name == "run_start" else None
+        if resumed is not None:  # steps past the checkpoint were trained again
+            train = {s: v for s, v in train.items() if s <= resumed}
+            val = {s: v for s, v in val.items() if s <= resumed}
+            steps = min(steps, int(resumed))
         if isinstance(step, int):
             steps = max(steps, step)
         if name == "train_step" and step is not None:
@@ -197,10 +173,20 @@ def read_run(run_dir: str | Path) -> RunRecord:
         elif name == "sample":
             sample = event.get("sample_text")
 
-    start = segment[0] if segment and segment[0].get("event") == "run_start" else first_start
-    status, detail = _status(segment) if start else ("failed", "no run_start logged")
+    starts = [started(segment) for segment in segments if started(segment)]
+    first_start = starts[0] if starts else {}
+    segment = segments[-1] if segments else []
+    start = started(segment) or first_start
+    state, detail = status(segment) if start else ("failed", "no run_start logged")
     end = next((e for e in reversed(segment) if e.get("event") == "run_end"), None)
     summary = end.get("summary", {}) if end else {}
+    tokens_per_step = _tokens_per_step(experiment, start)
+    if end is None:  # still training, or stopped: the latest logging window's speed
+        tokens_per_s = train_tokens_per_s
+    elif len(starts) == 1:  # one process: its own measure
+        tokens_per_s = summary.get("tokens_per_s")
+    else:  # resumed: over every process's kept steps
+        tokens_per_s = whole_run_tokens_per_s(segments, tokens_per_step or 0) or None
     last = val[max(val)] if val else None
     finite = [s for s in val if math.isfinite(val[s][0])]
     best_step = min(finite, key=lambda s: val[s][0]) if finite else None
@@ -211,7 +197,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
         experiment_name=str(
             start.get("experiment") or experiment.get("experiment", {}).get("name", "?")
         ),
-        status=status,
+        status=state,
         status_detail=detail,
         steps=int(summary.get("steps", steps)),
         max_steps=start.get("max_steps", experiment.get("training", {}).get("max_steps")),
@@ -220,14 +206,17 @@ def read_run(run_dir: str | Path) -> RunRecord:
         best_val_loss=best[0] if best else None,
         best_val_bpc=best[1] if best else None,
         train_loss=train[max(train)] if train else None,
-        tokens_per_s=summary.get("tokens_per_s") or train_tokens_per_s,
-        tokens_per_step=_tokens_per_step(experiment, start),
-        config_hash=start.get("config_hash"),
+        tokens_per_s=tokens_per_s,
+        tokens_per_step=tokens_per_step,
+        # recomputed from experiment.toml: runs logged before the hash left out
+        # training.max_steps match the runs of today
+        config_hash=config_hash(experiment) if experiment else start.get("config_hash"),
         git_commit=start.get("git_commit"),
         git_dirty=start.get("git_dirty"),
         started=first_start.get("timestamp"),
         sweep=first_start.get("sweep"),
         experiment=experiment,
+        environment=environment_history(segments),
         train_curve=Curve.from_points(train),
         val_curve=Curve.from_points({s: v[0] for s, v in val.items()}),
         last_sample=sample,

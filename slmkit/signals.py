@@ -91,10 +91,13 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
-    def interrupted(self, run: Run, step: int, path: Path, resume: str) -> RunInterrupted:
+    def interrupted(
+        self, run: Run, step: int, path: Path, experiment: Sequence[str]
+    ) -> RunInterrupted:
         """Log ``run_interrupted``; the error that ends the run (exit code 128 + signal).
 
-        ``path`` is the checkpoint saved at ``step``; ``resume`` the command that resumes.
+        ``path`` is the checkpoint saved at ``step``; ``experiment`` the experiment file and
+        its ``--set`` overrides, for the command that resumes (:func:`resume_command`).
         """
         assert self.received is not None
         name, code = signal.Signals(self.received).name, 128 + self.received
@@ -104,6 +107,8 @@ class StopSignals:
                 f"{name} at step {step} on rank {self.world.rank}; rank 0 saved the checkpoint"
             )
             return RunInterrupted(message, exit_code=code)
+        source, *overrides = experiment
+        resume = resume_command(source, overrides, run.run_dir, torchrun=self.world.launched)
         return RunInterrupted(f"{name} at step {step}: saved {path}; resume with: {resume}", code)
 
     def agreed(self) -> int | None:

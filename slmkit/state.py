@@ -18,7 +18,7 @@ import torch
 
 from slmkit import __version__, checkpoint
 from slmkit.components import Schedule, Tokenizer
-from slmkit.config.diff import changed_keys
+from slmkit.config.diff import NOT_HASHED, changed_keys
 from slmkit.config.resolve import experiment_from_dict
 from slmkit.config.schema import Experiment
 from slmkit.data import BatchStream
@@ -32,8 +32,9 @@ from slmkit.run import Run
 from slmkit.runlog import environment
 from slmkit.stepper import Stepper
 
-#: experiment keys a resumed run may change
-RESUMABLE_CHANGES = ("training.max_steps",)
+#: experiment keys a resumed run may change: those ``config_hash`` leaves out, so a resumed
+#: run keeps its hash
+RESUMABLE_CHANGES = NOT_HASHED
 
 
 def tokenizer_record(exp: Experiment, tokenizer: Tokenizer) -> dict[str, Any]:

@@ -40,9 +40,10 @@ from slmkit.progress import Console, StepMeter
 from slmkit.run import Run
 from slmkit.rundir import create_run_dir, write_run_files
 from slmkit.runlog import NullLog, RunLog, environment, git_state
-from slmkit.signals import StopSignals, resume_command
+from slmkit.signals import StopSignals
 from slmkit.state import TrainState, load_resume, tokenizer_record
 from slmkit.stepper import Precision, Stepper
+from slmkit.threads import ThreadCheck, use_threads
 
 
 def due(every: int, step: int) -> bool:
@@ -72,12 +73,14 @@ class Trainer:
         self.world = World.from_env()
         self.console = (console or Console()) if self.world.is_main else Console(quiet=True)
         self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
+        self.threads_before = use_threads(exp.training.threads)  # before anything computes
         self.device = self.world.place(resolve_device(exp.training.device, source), source)
         self.world.join(self.device)
         try:
             self._build(resume)
         except BaseException:
             self.world.leave()
+            use_threads(self.threads_before)
             raise
 
     def _build(self, resume: str | Path | None) -> None:
@@ -142,12 +145,14 @@ class Trainer:
                 return self._train(run)
         finally:
             self.world.leave()  # also when the run folder could not be opened
+            use_threads(self.threads_before)
 
     def _train(self, run: Run) -> dict[str, Any]:
         exp, t, state = self.exp, self.exp.training, self.state
         self._start(run)
         tokens_per_step = self.global_batch * exp.model.context_length  # all ranks together
-        meter = StepMeter(self.console, self.world, tokens_per_step, state.step, t.max_steps)
+        check = ThreadCheck.on(self.device, self.console.say)  # warns if threads wait for cores
+        meter = StepMeter(self.console, self.world, tokens_per_step, state.step, t.max_steps, check)
         self.model.train()
         while state.step < t.max_steps:
             step = self.current_step = state.step + 1
@@ -233,10 +238,7 @@ class Trainer:
         path = run.run_dir / "checkpoints" / f"step_{step}.pt"
         if not saved:
             path = self.save_checkpoint(run)
-        resume = resume_command(
-            self.source, self.overrides, run.run_dir, torchrun=self.world.launched
-        )
-        raise self.stop.interrupted(run, step, path, resume)
+        raise self.stop.interrupted(run, step, path, [self.source, *self.overrides])
 
     @contextlib.contextmanager
     def _reported(self, run: Run) -> Iterator[None]:
