@@ -73,9 +73,9 @@ class Trainer:
         self.world = World.from_env()
         self.console = (console or Console()) if self.world.is_main else Console(quiet=True)
         self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
-        self.threads_before = use_threads(exp.training.threads)  # before anything computes
         self.device = self.world.place(resolve_device(exp.training.device, source), source)
         self.world.join(self.device)
+        self.threads_before = use_threads(exp.training.threads)  # before anything computes
         try:
             self._build(resume)
         except BaseException:
