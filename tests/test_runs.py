@@ -480,8 +480,9 @@ def test_compare_shows_differences_of_the_recorded_environment(sweep_runs, tmp_p
     source = sweep_folders(sweep_runs)[-1]
     start = run_start(source)
     a = environment_variant(source, tmp_path, "a", {"num_threads": 2, "git_dirty": False})
-    b = environment_variant(source, tmp_path, "b", {"num_threads": 2, "git_dirty": True},
-                            {"num_threads": 1, "torch_version": "9.9.9"})  # fmt: skip
+    dirty = {"git_dirty": True}  # in both processes of b
+    b = environment_variant(source, tmp_path, "b", {"num_threads": 2, **dirty},
+                            {"num_threads": 1, "torch_version": "9.9.9", **dirty})  # fmt: skip
     code, out, _ = run_main("compare", str(a), str(b))
     assert code == 0
     text = out[: out.index("metrics:")]
