@@ -32,12 +32,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--resume continues a run in its folder, --init-from starts a new one: use one"
         )
     manager = _manager()
+    if args.threads is not None:  # short for --set training.threads=N
+        args.set = [*args.set, f"training.threads={args.threads}"]
     if args.sweep:
         return _run_sweep(args, manager)
     exp = load_experiment(args.experiment, manager, args.set)
     trainer = Trainer(
         exp, manager, args.experiment, resume=args.resume, init_from=args.init_from,
-        runs_dir=args.runs_dir,
+        runs_dir=args.runs_dir, overrides=args.set,
     )  # fmt: skip
     trainer.run()
     return 0
@@ -76,7 +78,7 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
         tag = {"id": sweep_id, "index": index, "size": len(combos), "overrides": combo}
         try:
             Trainer(exp, manager, args.experiment, init_from=args.init_from, runs_dir=runs_dir,
-                    sweep=tag).run()  # fmt: skip
+                    sweep=tag, overrides=[*args.set, *combo]).run()  # fmt: skip
         except (RunError, ConfigError) as exc:
             print(f"sweep {sweep_id}: run {index + 1} failed: {exc}", file=sys.stderr)
             failed.append(index + 1)
@@ -273,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--runs-dir", help="where run folders go (default: experiment.runs_dir)")
     p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch's CPU threads: --set training.threads=N (default: torch's own count; "
+        "1 is often much faster when other work shares the cores)",
+    )
+    p.add_argument(
         "--sweep",
         action="append",
         default=[],
@@ -326,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    if (getattr(args, "threads", None) or 0) < 0:
+        raise SlmkitError("--threads: must be >= 0 (0: torch's own count)")
     if getattr(args, "max_new_tokens", 1) <= 0:
         raise SlmkitError("--max-new-tokens: must be > 0")
     if getattr(args, "temperature", 1.0) <= 0:

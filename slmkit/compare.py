@@ -13,17 +13,26 @@ import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slmkit.config.diff import changed_keys
 from slmkit.errors import SlmkitError
+from slmkit.run_segments import ENVIRONMENT_KEYS
 from slmkit.rundir import write_atomic
 from slmkit.runs import RunRecord, format_value, lookup, table_rows
 from slmkit.table import format_table
 
-#: the picture's size: inches x dpi = pixels (tests check the decoded size)
+if TYPE_CHECKING:  # matplotlib is an optional extra, imported when a picture is drawn
+    from matplotlib.figure import Figure
+
+#: the picture's size: inches x dpi = pixels (tests check the decoded size); a legend of
+#: more than LEGEND_LINES lines adds LEGEND_LINE_INCHES to the height for each more
 FIGURE_INCHES = (12.0, 4.5)
 FIGURE_DPI = 100
+LEGEND_LINES = 4
+LEGEND_LINE_INCHES = 0.19
+#: the longest line of ``key=value`` pairs in a legend label, in characters
+LEGEND_LINE_CHARS = 80
 
 
 def differing_keys(records: Sequence[RunRecord]) -> list[str]:
@@ -47,6 +56,33 @@ def config_diff_rows(records: Sequence[RunRecord]) -> list[list[str]]:
     return rows
 
 
+def environment_value(record: RunRecord, key: str) -> str:
+    """A run's value of an environment field: ``2 -> 1`` when a resume changed it."""
+    values = record.environment.get(key)
+    if values is None:
+        return "(absent)"
+    if key == "git_commit":
+        values = [v[:12] if isinstance(v, str) else v for v in values]
+    return " -> ".join("-" if v is None else format_value(v) for v in values)
+
+
+def environment_keys(records: Sequence[RunRecord]) -> list[str]:
+    """The recorded environment fields (threads, versions, device, commit...) whose values
+    are not the same in every run, in the order of :data:`ENVIRONMENT_KEYS`."""
+    order = {key: i for i, key in enumerate(ENVIRONMENT_KEYS)}
+    keys = {key for r in records for key in r.environment}
+    differing = [k for k in keys if len({environment_value(r, k) for r in records}) > 1]
+    return sorted(differing, key=lambda k: (order.get(k, len(order)), k))
+
+
+def environment_diff_rows(records: Sequence[RunRecord]) -> list[list[str]]:
+    """A header row of run ids, then one row per differing environment field."""
+    rows = [["KEY", *(r.run_id for r in records)]]
+    for key in environment_keys(records):
+        rows.append([key, *(environment_value(r, key) for r in records)])
+    return rows
+
+
 #: the metrics ``slmkit compare`` shows side by side
 METRIC_COLUMNS = ("RUN_ID", "STATUS", "STEPS", "TOKENS", "TRAIN_LOSS", "VAL_LOSS", "BEST_VAL",
                   "BPC", "TOK/S", "CONFIG", "COMMIT", "STARTED (UTC)")  # fmt: skip
@@ -58,26 +94,84 @@ def metric_rows(records: Sequence[RunRecord]) -> list[list[str]]:
 
 
 def comparison_text(records: Sequence[RunRecord]) -> str:
-    """What ``slmkit compare`` prints: the config differences, then the metrics."""
-    diff = config_diff_rows(records)
+    """What ``slmkit compare`` prints: the config and environment differences, the metrics."""
+    diff, env = config_diff_rows(records), environment_diff_rows(records)
     out = [f"config differences ({len(diff) - 1} keys):"]
     out.append(format_table(diff) if len(diff) > 1 else "(the experiments are identical)\n")
+    hashes = {r.config_hash or "" for r in records}
+    if len(diff) > 1 and len(hashes) == 1 and "" not in hashes:  # max_steps, threads
+        out[-1] += f"(one config_hash, {hashes.pop()[:12]}: these keys are not part of it)\n"
+    out.append(f"environment differences ({len(env) - 1} keys):")
+    out.append(format_table(env) if len(env) > 1 else "(the recorded environments are identical)\n")
     out.append("metrics:")
     out.append(format_table(metric_rows(records)))
     return "\n".join(out)
 
 
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each dotted key by its shortest last parts that no other key ends with (so
+    ``sampling.every`` beside ``training.eval_every``, but ``learning_rate``)."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if not any(o != key and o.endswith(name) for o in keys):
+                break
+        names[key] = name
+    return names
+
+
+def legend_keys(records: Sequence[RunRecord]) -> list[str]:
+    """What tells the runs apart in the picture: every differing experiment key but the
+    name, then every differing environment field (as ``env.<field>``)."""
+    keys = [k for k in differing_keys(records) if k != "experiment.name"]
+    return keys + [f"env.{k}" for k in environment_keys(records)]
+
+
 def run_label(record: RunRecord, keys: Sequence[str]) -> str:
-    """A legend label: the run id, and its values of the differing keys (up to three)."""
-    values = ", ".join(
-        f"{key.rsplit('.', 1)[-1]}={format_value(lookup(record.experiment, key))}"
-        for key in keys[:3]
-    )
-    return f"{record.run_id} ({values})" if values else record.run_id
+    """A legend label: the run id, then its value of every key, wrapped into short lines."""
+    names, pairs = short_names(keys), []
+    for key in keys:
+        if key.startswith("env."):
+            value = environment_value(record, key.removeprefix("env."))
+        else:
+            value = format_value(lookup(record.experiment, key))
+        pairs.append(f"{names[key]}={value}")
+    lines = [record.run_id]
+    current = ""
+    for pair in pairs:
+        if current and len(current) + 2 + len(pair) > LEGEND_LINE_CHARS:
+            lines.append(current)
+            current = ""
+        current = f"{current}, {pair}" if current else pair
+    return "\n".join([*lines, current] if current else lines)
+
+
+def figure_size(labels: Sequence[str]) -> tuple[float, float]:
+    """The picture's size in inches: :data:`FIGURE_INCHES`, taller when the legend needs
+    more than :data:`LEGEND_LINES` lines (it sits below the plots, never on them)."""
+    ncols = legend_columns(len(labels))
+    rows = [labels[i : i + ncols] for i in range(0, len(labels), ncols)]
+    lines = sum(max(label.count("\n") + 1 for label in row) for row in rows)
+    width, height = FIGURE_INCHES
+    return width, height + max(0, lines - LEGEND_LINES) * LEGEND_LINE_INCHES
+
+
+def legend_columns(n_runs: int) -> int:
+    """Legend entries side by side."""
+    return min(n_runs, 2)
 
 
 def loss_curves_png(records: Sequence[RunRecord]) -> bytes:
     """Training (solid) and validation (dashed, dots) loss against step and tokens seen."""
+    buffer = io.BytesIO()
+    loss_curves_figure(records).savefig(buffer, format="png", dpi=FIGURE_DPI)
+    return buffer.getvalue()
+
+
+def loss_curves_figure(records: Sequence[RunRecord]) -> Figure:
+    """The picture :func:`loss_curves_png` draws, as a matplotlib figure."""
     try:
         import matplotlib
     except ImportError:
@@ -88,10 +182,11 @@ def loss_curves_png(records: Sequence[RunRecord]) -> bytes:
     matplotlib.use("Agg")  # draw to memory: no display needed
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI, layout="constrained")
+    keys = legend_keys(records)
+    labels = [run_label(r, keys) for r in records]
+    figure = Figure(figsize=figure_size(labels), dpi=FIGURE_DPI, layout="constrained")
     by_step, by_tokens = figure.subplots(1, 2, sharey=True)
-    keys = [k for k in differing_keys(records) if k != "experiment.name"]
-    for i, r in enumerate(records):
+    for i, (r, label) in enumerate(zip(records, labels, strict=True)):
         color = f"C{i % 10}"
         per_step = r.tokens_per_step or 0
         for axes, scale in ((by_step, 1), (by_tokens, per_step)):
@@ -101,18 +196,17 @@ def loss_curves_png(records: Sequence[RunRecord]) -> bytes:
                       color=color, linewidth=1, alpha=0.8)  # fmt: skip
             axes.plot([s * scale for s in r.val_curve.steps], r.val_curve.values,
                       color=color, linestyle="--", marker="o", markersize=3)  # fmt: skip
-        by_step.lines[-2].set_label(run_label(r, keys))  # one legend entry per run
+        by_step.lines[-2].set_label(label)  # one legend entry per run
     by_step.set_xlabel("step")
     by_tokens.set_xlabel("training tokens seen")
     by_step.set_ylabel("loss (nats/token)")
     for axes in (by_step, by_tokens):
         axes.grid(True, alpha=0.3)
     # Below the plots, so it never hides a curve however many runs there are.
-    figure.legend(loc="outside lower center", ncols=min(len(records), 2), fontsize="small")
+    figure.legend(loc="outside lower center", ncols=legend_columns(len(records)),
+                  fontsize="small")  # fmt: skip
     figure.suptitle("training (solid) and validation (dashed) loss")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
-    return buffer.getvalue()
+    return figure
 
 
 def _html_table(rows: list[list[str]]) -> str:
@@ -144,6 +238,10 @@ def report_html(records: Sequence[RunRecord], png: bytes) -> str:
         for r in records
     )
     diff_html = _html_table(diff) if len(diff) > 1 else "<p>The experiments are identical.</p>"
+    env = environment_diff_rows(records)
+    env_html = (
+        _html_table(env) if len(env) > 1 else "<p>The recorded environments are identical.</p>"
+    )
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     title = f"slmkit compare: {len(records)} runs"
     return f"""<!DOCTYPE html>
@@ -156,6 +254,8 @@ def report_html(records: Sequence[RunRecord], png: bytes) -> str:
 {_html_table(metric_rows(records))}
 <h2>Config differences</h2>
 {diff_html}
+<h2>Environment differences</h2>
+{env_html}
 <h2>Loss curves</h2>
 <img alt="training and validation loss of each run" src="data:image/png;base64,{image}">
 <h2>Latest samples</h2>
@@ -199,5 +299,9 @@ def summary_for_json(records: Sequence[RunRecord]) -> dict[str, Any]:
         "runs": [r.as_json() for r in records],
         "differences": {
             key: {r.run_id: lookup(r.experiment, key, None) for r in records} for key in keys
+        },
+        "environment_differences": {
+            key: {r.run_id: r.environment.get(key) for r in records}
+            for key in environment_keys(records)
         },
     }

@@ -81,8 +81,36 @@ def sample_text(
     return tokenizer.decode(out[0, len(ids) :].tolist())
 
 
+#: the most of a training sample the console shows, in lines and in characters (prompt
+#: included); the ``sample`` event in the log holds the whole text
+PREVIEW_LINES = 12
+PREVIEW_CHARS = 600
+#: what the shown lines of a sample start with
+PREVIEW_INDENT = "    "
+
+
+def sample_preview(text: str) -> str:
+    """A sample as an indented block of its own lines, cut with "…" past the limits.
+
+    Tabs are expanded and other control characters (a carriage return would redraw the
+    line) shown escaped, so the block always reads as printed.
+    """
+    shown = "".join(
+        c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text.expandtabs(4)
+    ).strip("\n")
+    cut = len(shown) > PREVIEW_CHARS
+    lines = [line.rstrip() for line in shown[:PREVIEW_CHARS].split("\n")]
+    if len(lines) > PREVIEW_LINES:
+        lines, cut = lines[:PREVIEW_LINES], True
+    if cut:
+        lines[-1] += "…"
+    if lines == [""]:
+        lines = ["(empty)"]
+    return "\n".join(PREVIEW_INDENT + line if line else "" for line in lines)
+
+
 def log_sample(run: Run, step: int, console: Console) -> None:
-    """The periodic sample of a training run: logged whole, shown as a one-line preview."""
+    """The periodic sample of a training run: logged whole, shown as an indented block."""
     s = run.experiment.sampling
     text = sample_text(
         run.model,
@@ -96,8 +124,7 @@ def log_sample(run: Run, step: int, console: Console) -> None:
         device=run.device,
     )
     run.log("sample", step=step, prompt=s.prompt, sample_text=text)
-    preview = text.strip().replace("\n", " / ")[:100]
-    console.say(f"step {step}: sample: {preview}")
+    console.say(f"step {step}: sample:\n{sample_preview(s.prompt + text)}")
 
 
 class Evaluator:

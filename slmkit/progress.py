@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the console is also used by commands that never import torc
 
     from slmkit.distributed import World
     from slmkit.run import Run
+    from slmkit.threads import ThreadCheck
 
 
 def format_duration(seconds: float) -> str:
@@ -98,9 +99,15 @@ class StepMeter:
     """
 
     def __init__(
-        self, console: Console, world: World, tokens_per_step: int, step: int, max_steps: int
+        self,
+        console: Console,
+        world: World,
+        tokens_per_step: int,
+        step: int,
+        max_steps: int,
+        thread_check: ThreadCheck | None = None,
     ) -> None:
-        self.console, self.world = console, world
+        self.console, self.world, self.thread_check = console, world, thread_check
         self.tokens_per_step, self.max_steps = tokens_per_step, max_steps
         self.start_step = step
         self.started = self._window_start = time.perf_counter()
@@ -120,6 +127,8 @@ class StepMeter:
         """Account for one step; the metrics run-event hooks get (``lr``, and on logging
         steps ``train_loss`` and ``tokens_per_s``)."""
         self._window_steps += 1
+        if self.thread_check is not None:
+            self.thread_check.step_done(run, step)
         metrics: dict[str, Any] = {"lr": lr}
         if not (log_now or step == self.start_step + 1):
             return metrics

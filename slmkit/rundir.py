@@ -107,7 +107,11 @@ def fsync_dir(folder: Path) -> None:
 
 
 def new_run_id(name: str) -> str:
-    """``<UTC time>-<experiment name>-<4 hex digits>``: sortable and unique enough."""
+    """``<UTC time>-<experiment name>-<4 hex digits>``: unique enough, readable.
+
+    The time is to the second, so names do not order runs of one second: what is newest
+    is decided by the logged start time (:func:`slmkit.runs.newest_first`), never by name.
+    """
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
     return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{slug}-{secrets.token_hex(2)}"
 

@@ -3,13 +3,19 @@
 Every line is one event: structlog's ``event`` key names it, ``timestamp`` is ISO-8601 UTC,
 and ``run_id`` is bound to every line. The file is line-buffered, so a killed run leaves
 every event it logged.
+
+Every line is strict JSON: a NaN or infinite float (a diverged loss, an overflowing
+gradient norm) is written as ``null``, and the event's ``nonfinite`` field maps the dotted
+path of each such value to ``"nan"``, ``"inf"`` or ``"-inf"``.
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import subprocess
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -31,7 +37,10 @@ class RunLog:
             structlog.WriteLogger(self._file),
             processors=[
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
-                structlog.processors.JSONRenderer(default=str),
+                finite_fields,
+                # allow_nan=False: a non-finite value that got past finite_fields fails here
+                # loudly rather than writing a line strict JSON parsers reject
+                structlog.processors.JSONRenderer(default=str, allow_nan=False),
             ],
         ).bind(run_id=run_id)
 
@@ -50,6 +59,30 @@ class RunLog:
     def close(self) -> None:
         """Close the file."""
         self._file.close()
+
+
+def finite_fields(_logger: Any, _method: str, fields: MutableMapping[str, Any]) -> dict[str, Any]:
+    """The event with NaN and infinite floats as ``None``, listed in ``nonfinite``.
+
+    (A structlog processor: JSON has no NaN or Infinity, and parsers other than Python's
+    reject the tokens ``json.dumps`` writes for them by default.)
+    """
+    found: dict[str, str] = {}
+    cleaned = {key: _finite(value, key, found) for key, value in fields.items()}
+    if found:
+        cleaned["nonfinite"] = found
+    return cleaned
+
+
+def _finite(value: Any, path: str, found: dict[str, str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        found[path] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{path}.{k}", found) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v, f"{path}.{i}", found) for i, v in enumerate(value)]
+    return value
 
 
 class NullLog:

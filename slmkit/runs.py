@@ -12,16 +12,23 @@ drop them and keep the values of the resumed process.
 from __future__ import annotations
 
 import math
-import os
 import tomllib
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from slmkit.config.diff import config_hash
 from slmkit.errors import SlmkitError
+from slmkit.run_segments import (
+    environment_history,
+    split_segments,
+    started,
+    status,
+    whole_run_tokens_per_s,
+)
 from slmkit.runlog import read_events
 from slmkit.table import format_table
 
@@ -67,6 +74,8 @@ class RunRecord:
     started: str | None
     sweep: dict[str, Any] | None
     experiment: dict[str, Any]
+    #: the run_start environment fields, each with its values over the run's processes
+    environment: dict[str, list[Any]]
     train_curve: Curve
     val_curve: Curve
     last_sample: str | None
@@ -77,7 +86,11 @@ class RunRecord:
         return None if self.tokens_per_step is None else self.steps * self.tokens_per_step
 
     def as_json(self) -> dict[str, Any]:
-        """The record for ``slmkit runs --json``: plain values, curves left out."""
+        """The record for ``slmkit runs --json``: plain values (NaN as null), no curves."""
+        return {key: None if isinstance(v, float) and not math.isfinite(v) else v
+                for key, v in self._plain().items()}  # fmt: skip
+
+    def _plain(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "run_dir": str(self.run_dir),
@@ -98,41 +111,13 @@ class RunRecord:
             "git_dirty": self.git_dirty,
             "started": self.started,
             "sweep": self.sweep,
+            "environment": self.environment,
         }
 
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` looks like a run folder (it has a log)."""
     return (path / "log.jsonl").is_file()
-
-
-def _process_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
-def _status(segment: list[dict[str, Any]]) -> tuple[str, str]:
-    """Status and a few words of why, from the events since the last ``run_start``."""
-    names = {e.get("event") for e in segment}
-    if "run_end" in names:
-        return "finished", "run_end logged"
-    if "run_failed" in names:
-        failed = next(e for e in reversed(segment) if e.get("event") == "run_failed")
-        return "failed", str(failed.get("error", "run_failed logged"))
-    if "run_interrupted" in names:
-        stop = next(e for e in reversed(segment) if e.get("event") == "run_interrupted")
-        return "stopped", f"{stop.get('signal', 'signal')} at step {stop.get('step')}"
-    start = segment[0] if segment else {}
-    if _process_alive(start.get("pid")):
-        return "running", f"process {start['pid']}"
-    return "stopped", "the process ended without logging why (killed?)"
 
 
 def _tokens_per_step(experiment: dict[str, Any], start: dict[str, Any]) -> int | None:
@@ -147,6 +132,11 @@ def _tokens_per_step(experiment: dict[str, Any], start: dict[str, Any]) -> int |
         return None
 
 
+def _loss(value: Any) -> float:
+    """A logged loss; ``null`` (a non-finite value, see ``nonfinite``) reads as NaN."""
+    return math.nan if value is None else float(value)
+
+
 def read_run(run_dir: str | Path) -> RunRecord:
     """Read one run folder; raises :class:`SlmkitError` when it is not one."""
     run_dir = Path(run_dir)
@@ -158,42 +148,48 @@ def read_run(run_dir: str | Path) -> RunRecord:
     except (OSError, tomllib.TOMLDecodeError):
         experiment = {}
     events = read_events(log)
+    segments = split_segments(events)
 
     train: dict[int, float] = {}
     val: dict[int, tuple[float, float | None]] = {}
-    first_start: dict[str, Any] = {}
-    segment: list[dict[str, Any]] = []
     steps = 0
     train_tokens_per_s: float | None = None
     sample: str | None = None
     for event in events:
         name = event.get("event")
         step = event.get("step")
-        if name == "run_start":
-            first_start = first_start or event
-            resumed = event.get("resumed_from_step")
-            if resumed is not None:  # steps past the checkpoint were trained again
-                train = {s: v for s, v in train.items() if s <= resumed}
-                val = {s: v for s, v in val.items() if s <= resumed}
-                steps = min(steps, int(resumed))
-            segment = []
-        segment.append(event)
+        resumed = event.get("resumed_from_step") if name == "run_start" else None
+        if resumed is not None:  # steps past the checkpoint were trained again
+            train = {s: v for s, v in train.items() if s <= resumed}
+            val = {s: v for s, v in val.items() if s <= resumed}
+            steps = min(steps, int(resumed))
         if isinstance(step, int):
             steps = max(steps, step)
         if name == "train_step" and step is not None:
-            train[step] = float(event["train_loss"])
+            train[step] = _loss(event.get("train_loss"))
             train_tokens_per_s = event.get("tokens_per_s")
         elif name == "eval" and step is not None:
-            val[step] = (float(event["val_loss"]), event.get("val_bpc"))
+            val[step] = (_loss(event.get("val_loss")), event.get("val_bpc"))
         elif name == "sample":
             sample = event.get("sample_text")
 
-    start = segment[0] if segment and segment[0].get("event") == "run_start" else first_start
-    status, detail = _status(segment) if start else ("failed", "no run_start logged")
+    starts = [started(segment) for segment in segments if started(segment)]
+    first_start = starts[0] if starts else {}
+    segment = segments[-1] if segments else []
+    start = started(segment) or first_start
+    state, detail = status(segment) if start else ("failed", "no run_start logged")
     end = next((e for e in reversed(segment) if e.get("event") == "run_end"), None)
     summary = end.get("summary", {}) if end else {}
+    tokens_per_step = _tokens_per_step(experiment, start)
+    if end is None:  # still training, or stopped: the latest logging window's speed
+        tokens_per_s = train_tokens_per_s
+    elif len(starts) == 1:  # one process: its own measure
+        tokens_per_s = summary.get("tokens_per_s")
+    else:  # resumed: over every process's kept steps
+        tokens_per_s = whole_run_tokens_per_s(segments, tokens_per_step or 0) or None
     last = val[max(val)] if val else None
-    best_step = min(val, key=lambda s: val[s][0]) if val else None
+    finite = [s for s in val if math.isfinite(val[s][0])]
+    best_step = min(finite, key=lambda s: val[s][0]) if finite else None
     best = val[best_step] if best_step is not None else None
     return RunRecord(
         run_id=str(start.get("run_id") or run_dir.name),
@@ -201,7 +197,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
         experiment_name=str(
             start.get("experiment") or experiment.get("experiment", {}).get("name", "?")
         ),
-        status=status,
+        status=state,
         status_detail=detail,
         steps=int(summary.get("steps", steps)),
         max_steps=start.get("max_steps", experiment.get("training", {}).get("max_steps")),
@@ -210,14 +206,17 @@ def read_run(run_dir: str | Path) -> RunRecord:
         best_val_loss=best[0] if best else None,
         best_val_bpc=best[1] if best else None,
         train_loss=train[max(train)] if train else None,
-        tokens_per_s=summary.get("tokens_per_s") or train_tokens_per_s,
-        tokens_per_step=_tokens_per_step(experiment, start),
-        config_hash=start.get("config_hash"),
+        tokens_per_s=tokens_per_s,
+        tokens_per_step=tokens_per_step,
+        # recomputed from experiment.toml: runs logged before the hash left out
+        # training.max_steps match the runs of today
+        config_hash=config_hash(experiment) if experiment else start.get("config_hash"),
         git_commit=start.get("git_commit"),
         git_dirty=start.get("git_dirty"),
         started=first_start.get("timestamp"),
         sweep=first_start.get("sweep"),
         experiment=experiment,
+        environment=environment_history(segments),
         train_curve=Curve.from_points(train),
         val_curve=Curve.from_points({s: v[0] for s, v in val.items()}),
         last_sample=sample,
@@ -232,8 +231,30 @@ def list_runs(runs_dir: str | Path, *, sweep: str | None = None) -> list[RunReco
     records = [read_run(p) for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p)]
     if sweep is not None:
         records = [r for r in records if (r.sweep or {}).get("id") == sweep]
-    records.sort(key=lambda r: (r.started or "", r.run_id), reverse=True)
-    return records
+    return newest_first(records)
+
+
+def started_at(record: RunRecord) -> datetime:
+    """When the run first started (its first ``run_start``); the distant past if unknown."""
+    try:
+        when = datetime.fromisoformat((record.started or "").replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def newest_first(records: Sequence[RunRecord]) -> list[RunRecord]:
+    """Runs by the time of their first ``run_start``, the newest first.
+
+    Never by folder name: run ids tell the second only, and runs of one second would then
+    sort by their random suffix. Runs logged in the same microsecond (never seen) fall
+    back to the sweep index (a sweep runs them in that order), then the run id.
+    """
+    return sorted(
+        records,
+        key=lambda r: (started_at(r), (r.sweep or {}).get("index", -1), r.run_id),
+        reverse=True,
+    )
 
 
 def resolve_run(name: str, runs_dir: str | Path) -> Path:

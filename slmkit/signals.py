@@ -8,8 +8,13 @@ that already got it from the terminal).
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import signal
+import sys
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -17,6 +22,44 @@ from typing import Any
 from slmkit.distributed import World
 from slmkit.errors import RunInterrupted
 from slmkit.run import Run
+
+
+def launcher(argv0: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The start of a command line that runs slmkit the way this process was started.
+
+    ``slmkit`` (the console script) or ``python -m slmkit`` (``argv[0]`` is then the
+    package's ``__main__.py``), behind ``uv run`` when uv started the process (uv sets
+    ``UV`` for what it runs): the README's ``uv run slmkit`` needs no activated
+    environment, and a bare ``slmkit`` would fail for its readers.
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    environ = os.environ if environ is None else environ
+    if Path(argv0).name == "__main__.py":
+        python = "python" if shutil.which("python") == sys.executable else sys.executable
+        command = f"{shlex.quote(python)} -m slmkit"
+    else:
+        command = "slmkit"
+    return f"uv run {command}" if environ.get("UV") else command
+
+
+def resume_command(
+    source: str,
+    overrides: Sequence[str],
+    run_dir: Path,
+    *,
+    torchrun: bool = False,
+    argv0: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The command that resumes a run: the experiment and ``--set`` overrides it started
+    with, ``--resume`` its folder, launched as this process was (:func:`launcher`)."""
+    args = ["run", source, *(a for o in overrides for a in ("--set", o)), "--resume", str(run_dir)]
+    tail = shlex.join(args)
+    start = launcher(argv0, environ)
+    if torchrun:  # its options (ranks, rendezvous) are not ours to know
+        uv = "uv run " if start.startswith("uv run ") else ""
+        return f"{uv}torchrun <the same options> -m slmkit {tail}"
+    return f"{start} {tail}"
 
 
 class StopSignals:
@@ -48,10 +91,13 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = signum
 
-    def interrupted(self, run: Run, step: int, path: Path, resume: str) -> RunInterrupted:
+    def interrupted(
+        self, run: Run, step: int, path: Path, experiment: Sequence[str]
+    ) -> RunInterrupted:
         """Log ``run_interrupted``; the error that ends the run (exit code 128 + signal).
 
-        ``path`` is the checkpoint saved at ``step``; ``resume`` the command that resumes.
+        ``path`` is the checkpoint saved at ``step``; ``experiment`` the experiment file and
+        its ``--set`` overrides, for the command that resumes (:func:`resume_command`).
         """
         assert self.received is not None
         name, code = signal.Signals(self.received).name, 128 + self.received
@@ -61,8 +107,8 @@ class StopSignals:
                 f"{name} at step {step} on rank {self.world.rank}; rank 0 saved the checkpoint"
             )
             return RunInterrupted(message, exit_code=code)
-        if self.world.launched:
-            resume = f"torchrun <the same options> -m {resume}"
+        source, *overrides = experiment
+        resume = resume_command(source, overrides, run.run_dir, torchrun=self.world.launched)
         return RunInterrupted(f"{name} at step {step}: saved {path}; resume with: {resume}", code)
 
     def agreed(self) -> int | None:

@@ -11,6 +11,7 @@ tokenizer) from a checkpoint: :func:`load_init`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from slmkit import __version__, checkpoint
 from slmkit.components import Schedule, Tokenizer
-from slmkit.config.diff import changed_keys
+from slmkit.config.diff import NOT_HASHED, changed_keys
 from slmkit.config.resolve import experiment_from_dict
 from slmkit.config.schema import Experiment
 from slmkit.data import BatchStream
@@ -34,8 +35,9 @@ from slmkit.rundir import is_run_folder
 from slmkit.runlog import environment
 from slmkit.stepper import Stepper
 
-#: experiment keys a resumed run may change
-RESUMABLE_CHANGES = ("training.max_steps",)
+#: experiment keys a resumed run may change: those ``config_hash`` leaves out, so a resumed
+#: run keeps its hash
+RESUMABLE_CHANGES = NOT_HASHED
 
 
 def tokenizer_record(exp: Experiment, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -121,6 +123,13 @@ def load_resume(
             f"{path}: the experiment differs from the checkpoint's in "
             f"{', '.join(changed)}; only {', '.join(RESUMABLE_CHANGES)} may change"
         )
+    step, max_steps = int(payload["step"]), exp.training.max_steps
+    if max_steps < step:  # checked before the run folder's files are written again
+        raise CheckpointError(
+            f"{path}: the checkpoint is at step {step}, past training.max_steps = "
+            f"{max_steps}; resume with training.max_steps >= {step} "
+            f"(--set training.max_steps=N)"
+        )
     saved_ranks = int(payload.get("world_size", 1))
     if saved_ranks != world.world_size:
         raise CheckpointError(
@@ -202,8 +211,10 @@ class TrainState:
     last_val_loss: float | None = None
 
     def record_eval(self, val_loss: float) -> None:
-        """Remember a validation loss (the latest and the best so far)."""
+        """Remember a validation loss (the latest, and the best so far of the finite ones)."""
         self.last_val_loss = val_loss
+        if not math.isfinite(val_loss):
+            return
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
 

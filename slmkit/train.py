@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -43,6 +43,7 @@ from slmkit.runlog import NullLog, RunLog, environment, git_state
 from slmkit.signals import StopSignals
 from slmkit.state import TrainState, load_init, load_resume, tokenizer_record
 from slmkit.stepper import Precision, Stepper
+from slmkit.threads import ThreadCheck, use_threads
 
 
 def due(every: int, step: int) -> bool:
@@ -64,19 +65,23 @@ class Trainer:
         runs_dir: str | Path | None = None,
         console: Console | None = None,
         sweep: dict[str, Any] | None = None,
+        overrides: Sequence[str] = (),
     ) -> None:
         self.exp, self.manager, self.source = exp, manager, source
         self.sweep = sweep  # {"id", "index", "size", "overrides"} when part of a sweep
+        self.overrides = list(overrides)  # the --set values behind exp: the resume hint's
         # Under torchrun only rank 0 talks to the user and writes files.
         self.world = World.from_env()
         self.console = (console or Console()) if self.world.is_main else Console(quiet=True)
         self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
         self.device = self.world.place(resolve_device(exp.training.device, source), source)
         self.world.join(self.device)
+        self.threads_before = use_threads(exp.training.threads)  # before anything computes
         try:
             self._build(resume, init_from)
         except BaseException:
             self.world.leave()
+            use_threads(self.threads_before)
             raise
 
     def _build(self, resume: str | Path | None, init_from: str | Path | None) -> None:
@@ -144,12 +149,14 @@ class Trainer:
                 return self._train(run)
         finally:
             self.world.leave()  # also when the run folder could not be opened
+            use_threads(self.threads_before)
 
     def _train(self, run: Run) -> dict[str, Any]:
         exp, t, state = self.exp, self.exp.training, self.state
         self._start(run)
         tokens_per_step = self.global_batch * exp.model.context_length  # all ranks together
-        meter = StepMeter(self.console, self.world, tokens_per_step, state.step, t.max_steps)
+        check = ThreadCheck.on(self.device, self.console.say)  # warns if threads wait for cores
+        meter = StepMeter(self.console, self.world, tokens_per_step, state.step, t.max_steps, check)
         self.model.train()
         while state.step < t.max_steps:
             step = self.current_step = state.step + 1
@@ -235,8 +242,7 @@ class Trainer:
         path = run.run_dir / "checkpoints" / f"step_{step}.pt"
         if not saved:
             path = self.save_checkpoint(run)
-        resume = f"slmkit run {self.source} --resume {run.run_dir}"
-        raise self.stop.interrupted(run, step, path, resume)
+        raise self.stop.interrupted(run, step, path, [self.source, *self.overrides])
 
     @contextlib.contextmanager
     def _reported(self, run: Run) -> Iterator[None]:

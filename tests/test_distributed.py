@@ -302,7 +302,9 @@ def test_a_killed_two_rank_run_resumes_bit_exactly(write_experiment, tmp_path: P
     events = read_events(run_dir / "log.jsonl")
     (stopped,) = [e for e in events if e["event"] == "run_interrupted"]
     assert 10 <= stopped["step"] < 200, (stopped, err[-2000:])
-    assert "resume with: torchrun" in err
+    uv = "uv run " if environment().get("UV") else ""  # the ranks were started by uv too
+    resume = f"resume with: {uv}torchrun <the same options> -m slmkit run {path} --resume {run_dir}"
+    assert resume in err
 
     # a single process may not resume it (the global batch would change)...
     refused = run_cli("run", str(path), "--resume", str(run_dir), cwd=tmp_path, env=ENV)

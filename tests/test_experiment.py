@@ -9,11 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slmkit.config.diff import changed_keys
+from slmkit.config.diff import NOT_HASHED, changed_keys, config_hash
 from slmkit.config.reading import apply_overrides, parse_override
 from slmkit.config.resolve import experiment_from_dict, load_experiment
 from slmkit.errors import ConfigError
 from slmkit.plugins import PluginManager
+from slmkit.state import RESUMABLE_CHANGES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,6 +91,17 @@ def test_config_hash_changes_with_any_value(manager: PluginManager) -> None:
     b = experiment_from_dict({"optimizer": {"weight_decay": 0.2}}, manager, "b")
     assert a.config_hash != b.config_hash
     assert len(a.config_hash) == 64
+
+
+def test_config_hash_leaves_out_the_length_and_the_threads(manager: PluginManager) -> None:
+    # the keys a resume may change: a run resumed to train longer keeps its hash
+    a = experiment_from_dict({}, manager, "a")
+    b = experiment_from_dict({"training": {"max_steps": 7, "threads": 3}}, manager, "b")
+    c = experiment_from_dict({"training": {"eval_every": 7}}, manager, "c")
+    assert a.config_hash == b.config_hash != c.config_hash
+    assert RESUMABLE_CHANGES == NOT_HASHED == ("training.max_steps", "training.threads")
+    # the same hash from the experiment.toml a run writes, read back without the plugins
+    assert config_hash(tomllib.loads(b.to_toml())) == a.config_hash
 
 
 ERRORS = [

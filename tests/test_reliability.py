@@ -7,6 +7,7 @@ import errno
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
 from slmkit.runs import list_runs
+from slmkit.signals import launcher, resume_command
 from slmkit.train import Trainer
 
 
@@ -44,11 +46,17 @@ def assert_equal_parameters(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def start(path: Path, *args: str) -> subprocess.Popen[str]:
+def start(path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "slmkit", "run", str(path), *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
+
+
+#: the environment of a run started without uv (`uv run pytest` exports UV to its children)
+NO_UV = {k: v for k, v in os.environ.items() if k != "UV"}
+#: how a child started as `python -m slmkit` without uv is told to start slmkit again
+PYTHON_M = launcher(argv0="/somewhere/slmkit/__main__.py", environ={})
 
 
 def wait_for(
@@ -75,7 +83,7 @@ def test_a_signal_saves_a_checkpoint_and_resume_completes_exactly(
 ) -> None:
     path = write_experiment(LONG)
     runs = tmp_path / "runs"
-    proc = start(path, "--runs-dir", str(runs))
+    proc = start(path, "--runs-dir", str(runs), env=NO_UV)
     wait_for(lambda: list(runs.glob("*/checkpoints/step_20.pt")), proc=proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -90,7 +98,7 @@ def test_a_signal_saves_a_checkpoint_and_resume_completes_exactly(
     assert err.strip() == (
         f"slmkit: stopped by {signal.Signals(signum).name} at step {stopped['step']}: saved "
         f"{run_dir / 'checkpoints' / ('step_' + str(stopped['step']) + '.pt')}; resume with: "
-        f"slmkit run {path} --resume {run_dir}"
+        f"{PYTHON_M} run {path} --resume {run_dir}"
     )
     trainer(path, tmp_path / "x", manager, resume=run_dir).run()
     full = Path(trainer(path, tmp_path / "full", manager).run()["run_dir"])
@@ -127,6 +135,48 @@ def this_process_steps(log: Path) -> int:
 def logged(run_dir: Path, name: str, key: str) -> list[tuple[int, float]]:
     """``(step, event[key])`` of every ``name`` event, in the order logged."""
     return [(e["step"], e[key]) for e in read_events(run_dir / "log.jsonl") if e["event"] == name]
+
+
+@pytest.mark.slow
+def test_the_resume_hint_works_as_printed(write_experiment, tmp_path) -> None:
+    # started with overrides (one with a space): the hint repeats them, quoted, and the
+    # command it prints, run by a shell as printed, finishes the run
+    path = write_experiment(LONG)
+    runs = tmp_path / "runs"
+    sets = ["--set", "training.max_steps=300", "--set", "sampling.prompt=The end"]
+    proc = start(path, *sets, "--runs-dir", str(runs), env=NO_UV)
+    wait_for(lambda: list(runs.glob("*/checkpoints/step_20.pt")), proc=proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    (run_dir,) = runs.iterdir()
+    hint = err.strip().split("; resume with: ")[1]
+    assert hint == (f"{PYTHON_M} run {path} --set training.max_steps=300 "
+                    f"--set 'sampling.prompt=The end' --resume {run_dir}")  # fmt: skip
+    done = subprocess.run(hint, shell=True, env=NO_UV, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert checkpoint.load(run_dir)["step"] == 300
+
+
+def test_the_resume_hint_starts_slmkit_as_the_user_did(tmp_path) -> None:
+    run_dir = tmp_path / "runs" / "r 1"
+    python = "python" if shutil.which("python") == sys.executable else sys.executable
+    cases = {  # (argv[0], UV set) -> the start of the hint
+        ("/home/u/.venv/bin/slmkit", False): "slmkit",
+        ("/home/u/.venv/bin/slmkit", True): "uv run slmkit",
+        ("/src/slmkit/__main__.py", False): f"{python} -m slmkit",
+        ("/src/slmkit/__main__.py", True): f"uv run {python} -m slmkit",
+    }
+    for (argv0, uv), start_with in cases.items():
+        environ = {"UV": "/usr/bin/uv"} if uv else {}
+        assert launcher(argv0, environ) == start_with
+        hint = resume_command("x.toml", ["a.b=1"], run_dir, argv0=argv0, environ=environ)
+        assert hint == f"{start_with} run x.toml --set a.b=1 --resume '{run_dir}'"
+        under_torchrun = resume_command("x.toml", [], run_dir, torchrun=True, argv0=argv0,
+                                        environ=environ)  # fmt: skip
+        assert under_torchrun == (("uv run " if uv else "") + "torchrun <the same options> "
+                                  f"-m slmkit run x.toml --resume '{run_dir}'")  # fmt: skip
 
 
 @pytest.mark.slow

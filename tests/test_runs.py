@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from slmkit.cli import main
-from slmkit.compare import FIGURE_DPI, FIGURE_INCHES, differing_keys, loss_curves_png
+from slmkit.compare import (
+    FIGURE_DPI,
+    FIGURE_INCHES,
+    LEGEND_LINE_CHARS,
+    differing_keys,
+    figure_size,
+    legend_keys,
+    loss_curves_figure,
+    loss_curves_png,
+)
 from slmkit.errors import SlmkitError
 from slmkit.progress import Console
 from slmkit.runlog import read_events
-from slmkit.runs import list_runs, read_run
+from slmkit.runs import format_value, list_runs, read_run
 from slmkit.sweep import grid, split_values
 from slmkit.table import format_table
 
@@ -228,7 +238,10 @@ def rewrite_log(run_dir: Path, events: list[dict[str, Any]]) -> None:
 
 
 def test_status_running_stopped_failed_from_the_log(sweep_runs, tmp_path: Path) -> None:
-    source = folders(sweep_runs["runs_dir"])[0]
+    # the sweep's first run, a 6-step run: not whichever folder sorts first by name (the
+    # plain 3-step run, when the random suffixes of one second put it first)
+    source = sweep_folders(sweep_runs)[-1]
+    assert read_run(source).sweep["index"] == 0 and read_run(source).steps == 6
     events = read_events(source / "log.jsonl")
     cut = [e for e in events if e["event"] not in ("run_end",) and e.get("step", 0) <= 4]
 
@@ -251,6 +264,28 @@ def test_status_running_stopped_failed_from_the_log(sweep_runs, tmp_path: Path) 
     rows = {line.split()[0]: line.split()[2:4] for line in out.splitlines()[1:]}
     assert rows == {"live": ["running", "4/6"], "killed": ["stopped", "4/6"],
                     "failed": ["failed", "5/6"], "stopped": ["stopped", "4/6"]}  # fmt: skip
+
+
+def test_newest_is_decided_by_the_start_time_not_by_the_folder_name(tmp_path: Path) -> None:
+    # three runs of one second whose random suffixes sort against the order they started
+    # in, a sweep whose two runs logged the same microsecond, and a run with no run_start
+    starts = {
+        "20261201-100000-tiny-ffff": ("2026-12-01T10:00:00.100000Z", None),
+        "20261201-100000-tiny-0000": ("2026-12-01T10:00:00.900000Z", None),
+        "20261201-100000-tiny-8888": ("2026-12-01T10:00:00Z", None),  # no fraction written
+        "20261201-100001-tiny-aaaa": ("2026-12-01T10:00:01.5Z", {"id": "s", "index": 1}),
+        "20261201-100001-tiny-bbbb": ("2026-12-01T10:00:01.5Z", {"id": "s", "index": 0}),
+    }
+    for run_id, (timestamp, sweep) in starts.items():
+        (tmp_path / run_id).mkdir()
+        rewrite_log(tmp_path / run_id, [{"event": "run_start", "run_id": run_id,
+                                         "timestamp": timestamp, "sweep": sweep}])  # fmt: skip
+    (tmp_path / "no-start").mkdir()
+    rewrite_log(tmp_path / "no-start", [{"event": "train_step", "step": 1, "train_loss": 1.0}])
+    order = [r.run_id for r in list_runs(tmp_path)]
+    assert order == ["20261201-100001-tiny-aaaa", "20261201-100001-tiny-bbbb",
+                     "20261201-100000-tiny-0000", "20261201-100000-tiny-ffff",
+                     "20261201-100000-tiny-8888", "no-start"]  # fmt: skip
 
 
 def test_a_resumed_run_keeps_the_resumed_values_of_retrained_steps(tmp_path: Path) -> None:
@@ -278,6 +313,74 @@ def test_a_resumed_run_keeps_the_resumed_values_of_retrained_steps(tmp_path: Pat
     assert record.started == "2026-12-01T10:00:00Z"  # when the run first started
 
 
+def test_a_resumed_run_shows_the_whole_runs_tokens_per_second(tmp_path: Path) -> None:
+    run = tmp_path / "resumed"
+    run.mkdir()
+    (run / "experiment.toml").write_text(tomli_w.dumps(merge(TINY, {})), encoding="utf-8")
+
+    def at(seconds: int) -> str:
+        return f"2026-12-01T10:{seconds // 60:02d}:{seconds % 60:02d}Z"
+
+    start = {"event": "run_start", "run_id": "resumed", "max_steps": 6, "timestamp": at(0)}
+    rewrite_log(run, [
+        start,
+        {"event": "train_step", "step": 2, "train_loss": 4.0, "tokens_per_s": 1.0},
+        {"event": "checkpoint", "step": 2, "timestamp": at(10)},
+        {"event": "train_step", "step": 3, "train_loss": 9.0, "tokens_per_s": 1.0},  # killed
+        {**start, "resumed_from_step": 2, "timestamp": at(100)},  # resumed, killed again
+        {**start, "resumed_from_step": 2, "timestamp": at(200)},
+        {"event": "checkpoint", "step": 6, "timestamp": at(215)},
+        {"event": "run_end", "summary": {"steps": 6, "tokens_per_s": 999.0},
+         "timestamp": at(220)},
+    ])  # fmt: skip
+    # 6 steps of 4 x 32 tokens kept, in 10 s (steps 1-2) + 20 s (steps 3-6); the 90 s of
+    # the process that was killed before it saved anything, and step 3 of the first, count
+    # for nothing
+    record = read_run(run)
+    assert record.tokens_per_s == round(6 * 4 * 32 / 30, 1)
+    code, out, _ = run_main("runs", str(tmp_path))
+    assert code == 0 and out.splitlines()[1].split()[7] == "26"
+
+
+def test_resuming_with_a_new_max_steps_keeps_the_config_hash(tmp_path: Path) -> None:
+    experiment = tmp_path / "tiny.toml"
+    experiment.write_text(tomli_w.dumps(merge(TINY, {})), encoding="utf-8")
+    runs = tmp_path / "runs"
+    code, _, err = run_main("run", str(experiment), "--runs-dir", str(runs),
+                            "--set", "training.max_steps=3")  # fmt: skip
+    assert code == 0, err
+    (short,) = runs.iterdir()
+    code, _, err = run_main("run", str(experiment), "--resume", str(short))  # to 6 steps
+    assert code == 0, err
+    code, _, err = run_main("run", str(experiment), "--runs-dir", str(runs),
+                            "--set", "training.threads=1")  # fmt: skip
+    assert code == 0, err
+    (whole,) = [p for p in runs.iterdir() if p != short]
+    hashes = [e["config_hash"] for p in (short, whole) for e in read_events(p / "log.jsonl")
+              if e["event"] == "run_start"]  # fmt: skip
+    assert len(hashes) == 3 and len(set(hashes)) == 1
+    assert read_run(short).config_hash == read_run(whole).config_hash == hashes[0]
+    assert (read_run(short).steps, read_run(short).tokens_per_s is not None) == (6, True)
+    code, out, _ = run_main("compare", str(short), str(whole))
+    assert code == 0
+    assert out.splitlines()[:4] == [
+        "config differences (1 keys):", f"KEY               {short.name}  {whole.name}",
+        "training.threads  0                          1",
+        f"(one config_hash, {hashes[0][:12]}: these keys are not part of it)",
+    ]  # fmt: skip
+    # a run logged before the hash left max_steps out is matched by its experiment.toml
+    old = copy_run(whole, tmp_path / "old", "old")
+    rewrite_log(old, [{**e, "config_hash": "a-hash-of-every-key"} if e["event"] == "run_start"
+                      else e for e in read_events(old / "log.jsonl")])  # fmt: skip
+    assert read_run(old).config_hash == hashes[0]
+    # what defines the experiment still counts
+    other_runs = tmp_path / "other"
+    changed = ["--set", "training.max_steps=1", "--set", "model.dropout=0.0"]
+    code, _, _ = run_main("run", str(experiment), "--runs-dir", str(other_runs), *changed)
+    (other,) = other_runs.iterdir()
+    assert code == 0 and read_run(other).config_hash != hashes[0]
+
+
 # -- slmkit compare ----------------------------------------------------------------------
 
 
@@ -289,7 +392,7 @@ def test_compare_prints_only_the_differing_keys(sweep_runs) -> None:
     runs = sweep_folders(sweep_runs)[:3]
     code, out, _ = run_main("compare", *map(str, runs))
     assert code == 0
-    diff = out[: out.index("metrics:")].splitlines()
+    diff = out[: out.index("environment differences")].splitlines()
     assert diff[0] == "config differences (2 keys):"
     assert diff[1].split() == ["KEY", *(p.name for p in runs)]
     keys = {line.split()[0]: line.split()[1:] for line in diff[2:] if line.strip()}
@@ -357,6 +460,104 @@ def test_report_into_a_missing_folder_writes_nothing(sweep_runs, tmp_path: Path)
     code, _, err = run_main("compare", str(run), "--out", str(target))
     assert code == 2 and "no such folder" in err
     assert not (tmp_path / "missing").exists()
+
+
+def environment_variant(source: Path, root: Path, name: str,
+                        *starts: dict[str, Any]) -> Path:  # fmt: skip
+    """A copy of ``source`` whose log is its first process, then more processes (resumes),
+    each ``run_start`` changed by one of ``starts``."""
+    run_dir = copy_run(source, root, name)
+    events = read_events(source / "log.jsonl")
+    first, rest = events[0], events[1:]
+    log = [{**first, **starts[0], "run_id": name}, *rest]
+    for change in starts[1:]:
+        log += [{**first, **change, "run_id": name, "resumed_from_step": 6}, rest[-1]]
+    rewrite_log(run_dir, log)
+    return run_dir
+
+
+def test_compare_shows_differences_of_the_recorded_environment(sweep_runs, tmp_path) -> None:
+    source = sweep_folders(sweep_runs)[-1]
+    start = run_start(source)
+    a = environment_variant(source, tmp_path, "a", {"num_threads": 2, "git_dirty": False})
+    dirty = {"git_dirty": True}  # in both processes of b
+    b = environment_variant(source, tmp_path, "b", {"num_threads": 2, **dirty},
+                            {"num_threads": 1, "torch_version": "9.9.9", **dirty})  # fmt: skip
+    code, out, _ = run_main("compare", str(a), str(b))
+    assert code == 0
+    text = out[: out.index("metrics:")]
+    assert text.startswith("config differences (0 keys):\n(the experiments are identical)\n")
+    env = text[text.index("environment differences") :].splitlines()
+    assert env[0] == "environment differences (3 keys):"
+    assert [line.split() for line in env[1:5]] == [
+        ["KEY", "a", "b"],
+        ["num_threads", "2", "2", "->", "1"],
+        ["torch_version", f'"{start["torch_version"]}"', f'"{start["torch_version"]}"', "->",
+         '"9.9.9"'],
+        ["git_dirty", "false", "true"],
+    ]  # fmt: skip
+    code, out, _ = run_main("compare", str(a), str(a))
+    assert "(the recorded environments are identical)" in out
+    code, out, _ = run_main("compare", str(a), str(b), "--json")
+    assert json.loads(out)["environment_differences"]["num_threads"] == {"a": [2], "b": [2, 1]}
+
+
+EIGHT_KEYS = {
+    "model.n_layers": [1, 2, 3, 4], "model.d_model": [32, 64, 96, 128],
+    "model.dropout": [0.0, 0.1, 0.2, 0.3], "optimizer.learning_rate": [1e-3, 2e-3, 3e-3, 4e-3],
+    "optimizer.betas": [[0.9, 0.95], [0.9, 0.99], [0.8, 0.95], [0.9, 0.9]],
+    "training.batch_size": [4, 8, 16, 32], "sampling.every": [3, 4, 5, 6],
+    "training.eval_every": [3, 6, 9, 12],
+}  # fmt: skip
+
+
+def eight_key_runs(sweep_runs, root: Path) -> list[Path]:
+    """Four copies of a run whose experiments differ in the eight keys above."""
+    source = sweep_folders(sweep_runs)[-1]
+    runs = []
+    for i in range(4):
+        run_dir = copy_run(source, root, f"run-{i}")
+        experiment = tomllib.loads((source / "experiment.toml").read_text(encoding="utf-8"))
+        for key, values in EIGHT_KEYS.items():
+            table, name = key.split(".")
+            experiment[table][name] = values[i]
+        (run_dir / "experiment.toml").write_text(tomli_w.dumps(experiment), encoding="utf-8")
+        runs.append(run_dir)
+    return runs
+
+
+def test_the_legend_names_every_differing_key_without_covering_the_plots(
+    sweep_runs, tmp_path
+) -> None:
+    records = [read_run(p) for p in eight_key_runs(sweep_runs, tmp_path)]
+    keys = legend_keys(records)
+    assert sorted(keys) == sorted(EIGHT_KEYS)
+    figure = loss_curves_figure(records)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=FIGURE_DPI)
+    (legend,) = figure.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    for i, (record, label) in enumerate(zip(records, labels, strict=True)):
+        assert label.startswith(record.run_id + "\n")
+        assert f"n_layers={i + 1}," in label
+        assert f"learning_rate={format_value((i + 1) * 1e-3)}" in label
+        assert f"betas={format_value(EIGHT_KEYS['optimizer.betas'][i])}" in label
+        assert "sampling.every=" in label and " eval_every=" in label  # "every" alone: which?
+        assert label.count("=") == 8 and max(map(len, label.split("\n"))) <= LEGEND_LINE_CHARS
+    # the picture grew to hold the legend: below the plots, inside the picture
+    width, height = figure_size(labels)
+    assert decode_png(png.getvalue())[:2] == (int(height * FIGURE_DPI), int(width * FIGURE_DPI))
+    assert height > FIGURE_INCHES[1]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    box = legend.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.y0 >= 0
+    assert box.x1 <= width * FIGURE_DPI and box.y1 <= height * FIGURE_DPI
+    for axes in figure.axes:
+        assert not box.overlaps(axes.get_tightbbox(renderer)), "the legend covers a plot"
 
 
 def test_without_matplotlib_the_message_names_the_extra(sweep_runs, monkeypatch) -> None:

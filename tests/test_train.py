@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -14,12 +15,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same_parameters, losses, train
+from conftest import assert_same_parameters, events, losses, train
 
 import slmkit
 from slmkit import checkpoint
+from slmkit.cli import main
 from slmkit.config.resolve import load_experiment
 from slmkit.errors import CheckpointError
+from slmkit.evaluate import PREVIEW_CHARS, PREVIEW_INDENT, PREVIEW_LINES, sample_preview
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
@@ -102,6 +105,22 @@ def test_resume_refuses_a_changed_experiment(write_experiment, manager, tmp_path
         CheckpointError, match=r"differs .* in model.dropout, optimizer.weight_decay"
     ):
         Trainer(exp, manager, str(path), resume=run_dir, console=Console(quiet=True))
+
+
+def test_resume_below_the_checkpoints_step_is_refused_and_rewrites_nothing(
+    write_experiment, manager, tmp_path, capsys
+) -> None:
+    path = write_experiment()
+    run_dir = train(path, tmp_path / "runs", manager)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    code = main(["run", str(path), "--resume", str(run_dir), "--set", "training.max_steps=5"])
+    assert code == 2
+    latest = run_dir / "checkpoints" / "latest.pt"
+    assert capsys.readouterr().err == (
+        f"slmkit: error: {latest}: the checkpoint is at step 6, past training.max_steps = 5; "
+        "resume with training.max_steps >= 6 (--set training.max_steps=N)\n"
+    )
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_run_events_reach_participating_plugins(write_experiment, tmp_path) -> None:
@@ -189,3 +208,39 @@ def test_resume_accepts_a_checkpoint_written_before_a_key_existed(
     assert [s for s, _ in losses(train(path, tmp_path / "x", manager, resume=run_dir))] == [
         1, 2, 3, 4,
     ]  # fmt: skip
+
+
+# -- samples on the console ------------------------------------------------------------------
+
+
+def test_sample_preview_is_an_indented_block_cut_with_an_ellipsis() -> None:
+    assert sample_preview("\nclass A:\n\tdef f(self):\r\n\n        return 1  \n") == (
+        "    class A:\n        def f(self):\\r\n\n            return 1"
+    )
+    long_line = "x" * (PREVIEW_CHARS + 50)
+    assert sample_preview(long_line) == PREVIEW_INDENT + "x" * PREVIEW_CHARS + "…"
+    many = "\n".join(f"line {i}" for i in range(PREVIEW_LINES + 5))
+    shown = sample_preview(many).split("\n")
+    assert len(shown) == PREVIEW_LINES
+    assert shown[-1] == f"{PREVIEW_INDENT}line {PREVIEW_LINES - 1}…"
+    assert sample_preview("\n\n") == PREVIEW_INDENT + "(empty)"
+
+
+def test_a_run_shows_its_samples_as_text_and_logs_them_whole(
+    write_experiment, manager, tmp_path
+) -> None:
+    prompt = "class A:\n    def "
+    path = write_experiment({"sampling": {"max_new_tokens": 80, "prompt": prompt}})
+    out = io.StringIO()
+    exp = load_experiment(path, manager)
+    trainer = Trainer(exp, manager, str(path), runs_dir=tmp_path, console=Console(out))
+    run_dir = Path(trainer.run()["run_dir"])
+    printed = out.getvalue()
+    for sample in events(run_dir, "sample"):
+        text = prompt + sample["sample_text"]
+        block = sample_preview(text)
+        assert f"step {sample['step']}: sample:\n{block}\n" in printed
+        # all of it (80 tokens are under both limits), on its own lines, nothing joined
+        assert block.startswith(f"{PREVIEW_INDENT}class A:\n{PREVIEW_INDENT}    def ")
+        assert "…" not in block
+        assert block.count("\n") == text.strip("\n").count("\n") > 0

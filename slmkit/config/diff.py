@@ -1,9 +1,33 @@
-"""Which dotted keys differ between two experiments (as nested dicts)."""
+"""Experiments compared as nested dicts: which dotted keys differ, and the hash of what
+defines one (the same for a resolved :class:`~slmkit.config.schema.Experiment` and for
+the ``experiment.toml`` a run wrote, so reading runs back needs neither torch nor plugins).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
+
+#: keys that do not change which experiment a run is, so ``config_hash`` leaves them out and
+#: a resume may change them: how long it trains (a resume may extend it; ``slmkit runs``
+#: shows it apart) and how many CPU threads compute it (recorded with the environment)
+NOT_HASHED = ("training.max_steps", "training.threads")
+
+
+def config_hash(experiment: Mapping[str, Any]) -> str:
+    """sha256 of the canonical experiment (sorted JSON), without :data:`NOT_HASHED` keys.
+
+    Empty arrays of tables count as absent, as in ``experiment.toml``.
+    """
+    defining: dict[str, Any] = {k: v for k, v in experiment.items() if v != []}
+    for dotted in NOT_HASHED:
+        table, key = dotted.split(".")
+        if isinstance(defining.get(table), Mapping):
+            defining[table] = {k: v for k, v in defining[table].items() if k != key}
+    canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

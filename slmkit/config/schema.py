@@ -9,14 +9,13 @@ component registered) and the resolved registry entry in ``component``. Arrays o
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import tomli_w
 
+from slmkit.config.diff import config_hash
 from slmkit.config.structure import unstructure_section
 from slmkit.options import OptionValueError, in_range, non_negative, one_of, positive
 from slmkit.registry import Component
@@ -127,6 +126,8 @@ class TrainingSection:
     #: torch.compile the model (falls back with a warning where compiling fails)
     compile: bool = False
     device: str = attrs.field(default="auto", validator=one_of(("auto", "cpu", "cuda", "mps")))
+    #: torch's CPU threads (0: torch's own count, which follows OMP_NUM_THREADS)
+    threads: int = attrs.field(default=0, validator=non_negative)
 
 
 @attrs.define(frozen=True)
@@ -226,6 +227,6 @@ class Experiment:
 
     @property
     def config_hash(self) -> str:
-        """sha256 of the canonical resolved experiment (sorted JSON)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """What defines the experiment, hashed: every key but ``training.max_steps`` and
+        ``training.threads`` (:func:`slmkit.config.diff.config_hash`)."""
+        return config_hash(self.to_dict())

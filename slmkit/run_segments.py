@@ -1,0 +1,131 @@
+"""A run's log as the processes that wrote it: one segment per ``run_start``.
+
+A resumed run appends to the log of its folder: the new process logs a ``run_start`` with
+``resumed_from_step`` (the step of the checkpoint it continued from), so the log splits
+into segments, one per process. Each segment tells how that process ended (its status),
+which steps of it the run kept (those up to the next segment's checkpoint), how long they
+took, and the environment the process ran in. Reading them needs neither torch nor plugins.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+Event = dict[str, Any]
+Segment = list[Event]
+
+#: the ``run_start`` fields that describe where and how a run computed: shown by
+#: ``slmkit compare`` apart from the experiment's keys (plugin versions are added as
+#: ``plugins.<name>``)
+ENVIRONMENT_KEYS = (
+    "num_threads", "device", "cuda_device", "torch_version", "cuda_version", "cpu_capability",
+    "python_version", "platform", "world_size", "backend", "git_commit", "git_dirty",
+    "slmkit_version",
+)  # fmt: skip
+
+
+def split_segments(events: Sequence[Event]) -> list[Segment]:
+    """The events, cut before each ``run_start`` (anything before the first is one more)."""
+    segments: list[Segment] = []
+    for event in events:
+        if event.get("event") == "run_start" or not segments:
+            segments.append([])
+        segments[-1].append(event)
+    return segments
+
+
+def started(segment: Segment) -> Event:
+    """The segment's ``run_start`` event (empty when the log lost it)."""
+    return segment[0] if segment and segment[0].get("event") == "run_start" else {}
+
+
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def status(segment: Segment) -> tuple[str, str]:
+    """Status and a few words of why, from the events of one process."""
+    names = {e.get("event") for e in segment}
+    if "run_end" in names:
+        return "finished", "run_end logged"
+    if "run_failed" in names:
+        failed = next(e for e in reversed(segment) if e.get("event") == "run_failed")
+        return "failed", str(failed.get("error", "run_failed logged"))
+    if "run_interrupted" in names:
+        stop = next(e for e in reversed(segment) if e.get("event") == "run_interrupted")
+        return "stopped", f"{stop.get('signal', 'signal')} at step {stop.get('step')}"
+    start = started(segment)
+    if _process_alive(start.get("pid")):
+        return "running", f"process {start['pid']}"
+    return "stopped", "the process ended without logging why (killed?)"
+
+
+def _time(event: Event | None) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str((event or {})["timestamp"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return None
+
+
+def whole_run_tokens_per_s(segments: Sequence[Segment], tokens_per_step: int) -> float | None:
+    """Training tokens per second over the steps the run kept, all processes together.
+
+    A process's kept steps run from its ``run_start`` (at ``resumed_from_step``) to the
+    ``checkpoint`` event the next process resumed from, or to ``run_end`` for the last one;
+    steps trained again after a resume count once, as in the curves. ``None`` when the
+    log does not tell (no ``run_end``, a timestamp or checkpoint event missing).
+    """
+    kept_seconds, first_step, last_step = 0.0, None, None
+    for i, segment in enumerate(segments):
+        start = started(segment)
+        if not start:
+            continue
+        from_step = int(start.get("resumed_from_step") or 0)
+        first_step = from_step if first_step is None else first_step
+        if i + 1 < len(segments):
+            to_step = int(started(segments[i + 1]).get("resumed_from_step") or 0)
+            if to_step <= from_step:
+                continue  # nothing of this process was kept
+            saved = [e for e in segment if e.get("event") == "checkpoint"]
+            end = next((e for e in saved if e.get("step") == to_step), None)
+        else:
+            end = next((e for e in segment if e.get("event") == "run_end"), None)
+            to_step = int((end or {}).get("summary", {}).get("steps", 0))
+        begin, finish = _time(start), _time(end)
+        if begin is None or finish is None:
+            return None
+        kept_seconds += (finish - begin).total_seconds()
+        last_step = to_step
+    if first_step is None or last_step is None or kept_seconds <= 0:
+        return None
+    return round((last_step - first_step) * tokens_per_step / kept_seconds, 1)
+
+
+def environment_history(segments: Sequence[Segment]) -> dict[str, list[Any]]:
+    """Each environment field's values over the run's processes, in order: one value, or
+    each change (``num_threads: [2, 1]`` for a run resumed with one thread)."""
+    history: dict[str, list[Any]] = {}
+    for segment in segments:
+        start = started(segment)
+        if not start:
+            continue
+        fields = {key: start[key] for key in ENVIRONMENT_KEYS if key in start}
+        plugins = start.get("plugins")
+        if isinstance(plugins, dict):
+            fields.update({f"plugins.{name}": version for name, version in plugins.items()})
+        for key, value in fields.items():
+            values = history.setdefault(key, [])
+            if not values or values[-1] != value:
+                values.append(value)
+    return history
