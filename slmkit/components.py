@@ -194,7 +194,8 @@ class ForwardHook(Protocol):
     The kernel attaches it to the points its ``[[forward_hooks]]`` table selects (or
     ``default_points``) on the passes named in ``phases``: ``"train"`` on every ``every``-th
     training step, ``"eval"`` on the validation passes of such steps. During the pass
-    ``observe`` receives each activation (detached; never modify it); afterwards ``flush``
+    ``observe`` receives each activation (detached, read-only: a hook that modifies it in
+    place fails, naming the hook; work on ``activation.clone()``); afterwards ``flush``
     returns the metrics to log, or None. A hook may also define ``start(run)``, called once
     before training (e.g. to learn ``run.run_dir``).
     """
