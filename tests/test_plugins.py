@@ -288,7 +288,8 @@ def test_base_exceptions_while_registering_mark_the_plugin_broken(hostile: Path)
     assert interrupts.error is not None
     assert interrupts.error.startswith("registration failed: KeyboardInterrupt")
     # nothing of either is left behind, and the rest works
-    assert pm.pm.get_plugin("slmkit-exits") is None and pm.pm.get_plugin("slmkit-interrupts") is None
+    assert pm.pm.get_plugin("slmkit-exits") is None
+    assert pm.pm.get_plugin("slmkit-interrupts") is None
     assert [c.name for c in pm.registry.components()] == ["char"]
     assert pm.participants() == ["slmkit_builtin.char"]
 
