@@ -24,6 +24,7 @@ from slmkit.data import (
     prepare_splits,
     rank_share,
     read_corpus,
+    unknown_warning,
     validation_batches,
 )
 from slmkit.errors import ConfigError, DataError
@@ -115,7 +116,12 @@ class Data:
             "corpus": {"name": corpus, "sha256": s.corpus_sha256, "chars": s.n_chars},
             "train_tokens": len(s.train),
             "val_tokens": len(s.val),
+            "unknown_tokens": s.unknown_tokens,
         }
+
+    def unknown_warning(self) -> str | None:
+        """A warning when the tokenizer could not spell much of the corpus (``<UNK>``)."""
+        return unknown_warning(self.splits)
 
 
 def read_experiment_corpus(exp: Experiment) -> str:

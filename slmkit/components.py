@@ -52,7 +52,8 @@ class Tokenizer(Protocol):
 # the same for text[start:end] without slicing it, which the pipeline prefers to both
 # (it encodes each split where it lies in the corpus, so no split is copied). A tokenizer
 # whose ``train`` is a no-op may set ``needs_training = False``: the pipeline then does not
-# copy out the training text to call it.
+# copy out the training text to call it. A tokenizer with an unknown-token id may say so with
+# ``unk_id``: a run then counts it in the corpus and warns when it exceeds a few percent.
 
 
 @attrs.define(frozen=True)

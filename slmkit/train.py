@@ -187,6 +187,10 @@ class Trainer:
         """Log ``run_start``, say what trains where, start the hooks, call on_run_start."""
         t = self.exp.training
         run.log("run_start", **self._run_start_fields())
+        warning = self.data.unknown_warning()
+        if warning is not None:
+            run.log("data_warning", message=warning)
+            self.console.say(f"warning: {warning}")
         self.console.say(
             f"{'resuming' if self.resume else 'run'} {run.run_id}: "
             f"{self.model.n_params:,} parameters on {self.device}, "
