@@ -82,22 +82,32 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Resolve an experiment and its plugins; print it and the parameter count."""
-    import torch
+    """Build everything a run builds before training; print the experiment and its sizes.
 
-    from slmkit.build import build_model, build_tokenizer
+    The corpus is read and split, the tokenizer trained, the model built on the meta
+    device (sizes, no weights), with the optimizer, schedule and hooks: what a run would
+    refuse, this refuses first.
+    """
+    from slmkit.build import build_parts, resolve_device
     from slmkit.config.resolve import load_experiment
 
     manager = _manager()
     exp = load_experiment(args.experiment, manager, args.set)
-    tokenizer = build_tokenizer(exp)
-    with torch.device("meta"):  # sizes only: no memory, no initialisation cost
-        model = build_model(exp, tokenizer)
+    device = resolve_device(exp.training.device, args.experiment)
+    parts = build_parts(exp, device, meta=True)
+    model, splits = parts.model, parts.data.splits
     print(f"# {args.experiment}: valid")
     print(f"# config_hash {exp.config_hash}")
     print(f"# plugins: {', '.join(exp.participants)}")
     print(exp.to_toml(), end="")
     print(f"# parameters: {model.n_params:,} ({model.n_params})")
+    print(
+        f"# data: {splits.n_chars:,} characters, {len(splits.train):,} training and "
+        f"{len(splits.val):,} validation tokens"
+    )
+    warning = parts.data.unknown_warning()
+    if warning is not None:
+        print(f"slmkit: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -11,10 +11,8 @@ drop them and keep the values of the resumed process.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tomllib
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import attrs
 
 from slmkit.errors import SlmkitError
+from slmkit.runfiles import as_int, as_number, as_table, as_text, read_experiment, read_log
 from slmkit.table import format_table
 
 #: what a run's ``status`` can be
@@ -162,8 +161,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
     if not is_run_dir(run_dir):
         raise SlmkitError(f"{run_dir}: not a run folder (no log.jsonl)")
     problems: list[str] = []
-    experiment = _read_experiment(run_dir / "experiment.toml", problems)
-    events = _read_log(log, problems)
+    experiment = read_experiment(run_dir / "experiment.toml", problems)
+    events = read_log(log, problems)
     try:
         record = _record(run_dir, experiment, events, problems)
     except Exception as exc:  # a shape of damage the checks above did not foresee
@@ -172,77 +171,6 @@ def read_run(run_dir: str | Path) -> RunRecord:
     if problems:
         record.status, record.status_detail = "damaged", "; ".join(problems)[:300]
     return record
-
-
-def _read_experiment(path: Path, problems: list[str]) -> dict[str, Any]:
-    """The run's resolved experiment, or ``{}`` (and a problem) when it cannot be read."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        problems.append("experiment.toml is missing")
-    except OSError as exc:
-        problems.append(f"experiment.toml cannot be read: {exc.strerror or exc}")
-    except UnicodeDecodeError as exc:
-        problems.append(f"experiment.toml is not UTF-8 text (bad byte at offset {exc.start})")
-    except tomllib.TOMLDecodeError as exc:
-        problems.append(f"experiment.toml is not valid TOML: {exc}")
-    return {}
-
-
-def _read_log(path: Path, problems: list[str]) -> list[dict[str, Any]]:
-    """The events of ``log.jsonl``; lines that are not events become a problem.
-
-    The last line of a killed run may be torn (no newline after it): it is dropped
-    silently, as :func:`slmkit.runlog.read_events` does.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        problems.append(f"log.jsonl cannot be read: {exc.strerror or exc}")
-        return []
-    # what follows the last newline is empty, or the torn last line of a killed run
-    lines = data.split(b"\n")[:-1]
-    events, bad = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line.decode("utf-8"))
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
-            event = None
-        if isinstance(event, dict) and isinstance(event.get("event"), str):
-            events.append(event)
-        else:
-            bad.append(number)
-    if bad:
-        problems.append(
-            f"log.jsonl: {len(bad)} line(s) are not JSON events (line {bad[0]}"
-            + (", ..." if len(bad) > 1 else "")
-            + ")"
-        )
-    return events
-
-
-def _int(value: Any) -> int | None:
-    """``value`` if it is an integer (not a bool), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _number(value: Any) -> float | None:
-    """``value`` as a float if it is a number (not a bool), else None."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def _text(value: Any) -> str | None:
-    """``value`` if it is a non-empty string, else None."""
-    return value if isinstance(value, str) and value else None
-
-
-def _table(value: Any) -> dict[str, Any]:
-    """``value`` if it is a dict, else an empty one."""
-    return value if isinstance(value, dict) else {}
 
 
 def _record(
@@ -259,10 +187,10 @@ def _record(
     malformed: set[str] = set()
     for event in events:
         name = event["event"]
-        step = _int(event.get("step"))
+        step = as_int(event.get("step"))
         if name == "run_start":
             first_start = first_start or event
-            resumed = _int(event.get("resumed_from_step"))
+            resumed = as_int(event.get("resumed_from_step"))
             if resumed is not None:  # steps past the checkpoint were trained again
                 train = {s: v for s, v in train.items() if s <= resumed}
                 val = {s: v for s, v in val.items() if s <= resumed}
@@ -273,54 +201,54 @@ def _record(
             steps = max(steps, step)
         if name == "train_step":
             loss = event.get("train_loss")
-            if step is None or not (loss is None or _number(loss) is not None):
+            if step is None or not (loss is None or as_number(loss) is not None):
                 malformed.add(name)
             elif loss is not None:
                 train[step] = float(loss)
-            train_tokens_per_s = _number(event.get("tokens_per_s"))
+            train_tokens_per_s = as_number(event.get("tokens_per_s"))
         elif name == "eval":
-            loss = _number(event.get("val_loss"))
+            loss = as_number(event.get("val_loss"))
             if step is None or loss is None:
                 malformed.add(name)
             else:
-                val[step] = (loss, _number(event.get("val_bpc")))
+                val[step] = (loss, as_number(event.get("val_bpc")))
         elif name == "sample":
-            sample = _text(event.get("sample_text"))
+            sample = as_text(event.get("sample_text"))
     if malformed:
         problems.append("log.jsonl: malformed " + ", ".join(sorted(malformed)) + " event(s)")
 
     start = segment[0] if segment and segment[0]["event"] == "run_start" else first_start
     status, detail = _status(segment) if start else ("failed", "no run_start logged")
     end = next((e for e in reversed(segment) if e["event"] == "run_end"), None)
-    summary = _table(end.get("summary")) if end else {}
+    summary = as_table(end.get("summary")) if end else {}
     last = val[max(val)] if val else None
     best_step = min(val, key=lambda s: val[s][0]) if val else None
     best = val[best_step] if best_step is not None else None
-    max_steps = _int(start.get("max_steps"))
+    max_steps = as_int(start.get("max_steps"))
     if max_steps is None:
-        max_steps = _int(lookup(experiment, "training.max_steps", None))
+        max_steps = as_int(lookup(experiment, "training.max_steps", None))
     sweep = first_start.get("sweep")
     return RunRecord(
-        run_id=_text(start.get("run_id")) or run_dir.name,
+        run_id=as_text(start.get("run_id")) or run_dir.name,
         run_dir=run_dir,
-        experiment_name=_text(start.get("experiment"))
-        or _text(lookup(experiment, "experiment.name", None))
+        experiment_name=as_text(start.get("experiment"))
+        or as_text(lookup(experiment, "experiment.name", None))
         or "?",
         status=status,
         status_detail=detail,
-        steps=steps if _int(summary.get("steps")) is None else summary["steps"],
+        steps=steps if as_int(summary.get("steps")) is None else summary["steps"],
         max_steps=max_steps,
         last_val_loss=last[0] if last else None,
         last_val_bpc=last[1] if last else None,
         best_val_loss=best[0] if best else None,
         best_val_bpc=best[1] if best else None,
         train_loss=train[max(train)] if train else None,
-        tokens_per_s=_number(summary.get("tokens_per_s")) or train_tokens_per_s,
+        tokens_per_s=as_number(summary.get("tokens_per_s")) or train_tokens_per_s,
         tokens_per_step=_tokens_per_step(experiment, start),
-        config_hash=_text(start.get("config_hash")),
-        git_commit=_text(start.get("git_commit")),
+        config_hash=as_text(start.get("config_hash")),
+        git_commit=as_text(start.get("git_commit")),
         git_dirty=start.get("git_dirty") if isinstance(start.get("git_dirty"), bool) else None,
-        started=_text(first_start.get("timestamp")),
+        started=as_text(first_start.get("timestamp")),
         sweep=sweep if isinstance(sweep, dict) else None,
         experiment=experiment,
         train_curve=Curve.from_points(train),
