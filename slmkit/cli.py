@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
+import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -39,13 +43,16 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
     """Run the grid one run after another, then print the sweep's table.
 
     Every combination is resolved first, so a bad value stops the sweep before any run.
-    A run that fails is reported and the sweep goes on; Ctrl-C stops the whole sweep.
+    A run that fails is reported and the sweep goes on; Ctrl-C stops the whole sweep. All
+    it prints goes through one :class:`Console`, which goes quiet if the reader leaves
+    (``| head``) rather than stopping the sweep.
     """
     from pathlib import Path
 
     from slmkit.config.resolve import load_experiment
     from slmkit.distributed import World
     from slmkit.errors import ConfigError, RunError
+    from slmkit.progress import Console
     from slmkit.runs import list_runs, runs_table
     from slmkit.sweep import grid, new_sweep_id, parse_sweeps
     from slmkit.train import Trainer
@@ -61,21 +68,26 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
     experiments = [load_experiment(args.experiment, manager, [*args.set, *c]) for c in combos]
     sweep_id = new_sweep_id(experiments[0].experiment.name)
     runs_dir = Path(args.runs_dir or experiments[0].experiment.runs_dir)
-    print(f"sweep {sweep_id}: {len(combos)} runs of {args.experiment}")
+    console = Console()
+    console.say(f"sweep {sweep_id}: {len(combos)} runs of {args.experiment}")
     failed = []
     for index, (exp, combo) in enumerate(zip(experiments, combos, strict=True)):
-        print(f"sweep {sweep_id}: run {index + 1}/{len(combos)}: {' '.join(combo)}")
+        console.say(f"sweep {sweep_id}: run {index + 1}/{len(combos)}: {' '.join(combo)}")
         tag = {"id": sweep_id, "index": index, "size": len(combos), "overrides": combo}
         try:
-            Trainer(exp, manager, args.experiment, runs_dir=runs_dir, sweep=tag).run()
+            Trainer(
+                exp, manager, args.experiment, runs_dir=runs_dir, console=console, sweep=tag
+            ).run()
         except (RunError, ConfigError) as exc:
             print(f"sweep {sweep_id}: run {index + 1} failed: {exc}", file=sys.stderr)
             failed.append(index + 1)
     records = list_runs(runs_dir, sweep=sweep_id)
     records.sort(key=lambda r: r.sweep["index"] if r.sweep else 0)
-    print(f"\nsweep {sweep_id}: {len(records)} runs in {runs_dir}")
-    print(runs_table(records, [key for key, _ in axes]), end="")
-    print(f"compare: slmkit compare --sweep {sweep_id} --runs-dir {runs_dir} --out report.html")
+    console.say(f"\nsweep {sweep_id}: {len(records)} runs in {runs_dir}")
+    console.say(runs_table(records, [key for key, _ in axes]).rstrip("\n"))
+    console.say(
+        f"compare: slmkit compare --sweep {sweep_id} --runs-dir {runs_dir} --out report.html"
+    )
     if failed:
         raise RunError(f"sweep {sweep_id}: run(s) {', '.join(map(str, failed))} failed")
     return 0
@@ -236,6 +248,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------------
 
 
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -285,10 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=finite_float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="only the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (1: off)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling (0 <= seed < 2**63)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--no-cache", action="store_true", help="recompute the context each token")
     p.set_defaults(func=cmd_sample)
@@ -316,6 +341,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; usage errors exit 2 with argparse's message.
+
+    CPython's argparse turns ``--opt=--`` into an empty list, past ``type`` and
+    ``choices``: such a value is refused here as the missing argument it is.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    command = commands.choices[args.command]
+    for action in command._actions:
+        value = getattr(args, action.dest, None)
+        if action.nargs is not None or not isinstance(value, list):
+            continue
+        if not isinstance(action, argparse._AppendAction) or any(
+            isinstance(v, list) for v in value
+        ):
+            command.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+    return args
+
+
 def _check_args(args: argparse.Namespace) -> None:
     if getattr(args, "max_new_tokens", 1) <= 0:
         raise SlmkitError("--max-new-tokens: must be > 0")
@@ -325,21 +371,68 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SlmkitError("--top-k: must be >= 0")
     if not 0 < getattr(args, "top_p", 1.0) <= 1:
         raise SlmkitError("--top-p: must be in (0, 1]")
+    if not 0 <= getattr(args, "seed", 0) < 2**63:
+        raise SlmkitError("--seed: must be in [0, 2**63)")
+    if getattr(args, "runs_dir", None) == "":  # run: "" would mean the current folder
+        raise SlmkitError("--runs-dir: must name a folder")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (torch raises RuntimeErrors for it)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "allocate" in text)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``): a name typed with a newline
+    in it must not break an error into two lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _allocation_failure(exc: BaseException) -> str:
+    """The gist of a failed allocation: torch's message without its source location."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*(err == 0\.\s*)?", "", text)  # "[enforce fail at ...]"
+    return f"{text[:160]} (a smaller model, batch or --max-new-tokens may fit)"
+
+
+def _stdout_gone() -> None:
+    """After a BrokenPipeError (``slmkit runs | head -1``): send what remains to devnull.
+
+    Python's docs recommend this, so the interpreter's last flush of stdout cannot fail
+    again at exit with a second traceback.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced (tests): nothing to do
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slmkit`` command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A path or prompt typed in bytes that are not UTF-8 reaches Python as surrogates;
+        # echoing it back writes the bytes the user typed instead of failing.
+        sys.stdout.reconfigure(errors="surrogateescape")
+    args = _parse(argv)
     try:
         _check_args(args)
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that went away shows up here, not at exit
+        return code
+    except BrokenPipeError:  # the reader closed the pipe early: its choice, not an error
+        _stdout_gone()
+        return 0
     except RunInterrupted as exc:
         print(f"slmkit: stopped by {exc}", file=sys.stderr)
         return exc.exit_code
     except SlmkitError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"slmkit: error: {exc}", file=sys.stderr)
+        print(f"slmkit: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("slmkit: interrupted", file=sys.stderr)
@@ -347,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        if _out_of_memory(exc):
+            print(f"slmkit: error: out of memory: {_allocation_failure(exc)}", file=sys.stderr)
+            return 1
         print(
             f"slmkit: internal error: {type(exc).__name__}: {exc} "
             "(run again with --debug for the traceback)",

@@ -188,6 +188,8 @@ def write_outputs(
     for path in (report, png):
         if path is not None and not path.parent.is_dir():
             raise SlmkitError(f"{path}: no such folder {path.parent}")
+        if path is not None and (path.is_dir() or path.name in ("", ".", "..")):
+            raise SlmkitError(f"{path}: is a folder; name the file to write")
     picture = loss_curves_png(records)
     written = []
     if png is not None:
