@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from slmkit import __version__
+from slmkit.arguments import check_args, parse_args
 from slmkit.errors import RunInterrupted, SlmkitError
 from slmkit.plugins import PluginManager
 from slmkit.table import format_table
@@ -245,136 +244,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- parser --------------------------------------------------------------------------------
+#: each command's function, by the name the command line uses
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "plugins": cmd_plugins,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "runs": cmd_runs,
+    "compare": cmd_compare,
+}
 
 
-def finite_float(text: str) -> float:
-    """An argparse type: a float that is neither NaN nor infinite."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="slmkit", description="Build and study small language models from plugins."
-    )
-    parser.add_argument("--version", action="version", version=f"slmkit {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a dotted experiment key, TOML syntax (repeatable)",
-        )
-
-    p = sub.add_parser("run", help="train an experiment")
-    p.add_argument("experiment", help="experiment TOML file")
-    overrides(p)
-    p.add_argument(
-        "--resume",
-        metavar="CHECKPOINT_OR_RUN_DIR",
-        help="continue a run from a checkpoint (a run folder means its latest.pt)",
-    )
-    p.add_argument("--runs-dir", help="where run folders go (default: experiment.runs_dir)")
-    p.add_argument(
-        "--sweep",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2,...",
-        help="run once per value (repeat for a grid of every combination); see docs/experiments.md",
-    )
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("validate", help="check an experiment and print it resolved; train nothing")
-    p.add_argument("experiment", help="experiment TOML file")
-    overrides(p)
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("plugins", help="list installed plugins and what they provide")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_plugins)
-
-    p = sub.add_parser("sample", help="generate text from a saved model")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=finite_float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="only the k most likely tokens (0: all)")
-    p.add_argument(
-        "--top-p", type=finite_float, default=1.0, help="nucleus sampling threshold (1: off)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seeds the sampling (0 <= seed < 2**63)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--no-cache", action="store_true", help="recompute the context each token")
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser("eval", help="validation loss of a saved model")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("runs", help="list runs, newest first")
-    p.add_argument("dir", nargs="?", default="runs", help="a folder of runs (default: runs)")
-    p.add_argument("--sweep", metavar="ID", help="only the runs of this sweep")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_runs)
-
-    p = sub.add_parser("compare", help="runs side by side: config diff, metrics, loss curves")
-    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders or run ids")
-    p.add_argument("--sweep", metavar="ID", help="add every run of this sweep")
-    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs)")
-    p.add_argument("--out", metavar="REPORT.html", help="write a self-contained HTML report")
-    p.add_argument("--png", metavar="FILE.png", help="write the loss curves as a PNG")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_compare)
-    return parser
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse the command line; usage errors exit 2 with argparse's message.
-
-    CPython's argparse turns ``--opt=--`` into an empty list, past ``type`` and
-    ``choices``: such a value is refused here as the missing argument it is.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    command = commands.choices[args.command]
-    for action in command._actions:
-        value = getattr(args, action.dest, None)
-        if action.nargs is not None or not isinstance(value, list):
-            continue
-        if not isinstance(action, argparse._AppendAction) or any(
-            isinstance(v, list) for v in value
-        ):
-            command.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
-    return args
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if getattr(args, "max_new_tokens", 1) <= 0:
-        raise SlmkitError("--max-new-tokens: must be > 0")
-    if getattr(args, "temperature", 1.0) <= 0:
-        raise SlmkitError("--temperature: must be > 0")
-    if getattr(args, "top_k", 0) < 0:
-        raise SlmkitError("--top-k: must be >= 0")
-    if not 0 < getattr(args, "top_p", 1.0) <= 1:
-        raise SlmkitError("--top-p: must be in (0, 1]")
-    if not 0 <= getattr(args, "seed", 0) < 2**63:
-        raise SlmkitError("--seed: must be in [0, 2**63)")
-    if getattr(args, "runs_dir", None) == "":  # run: "" would mean the current folder
-        raise SlmkitError("--runs-dir: must name a folder")
+# -- exits ---------------------------------------------------------------------------------
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -417,10 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A path or prompt typed in bytes that are not UTF-8 reaches Python as surrogates;
         # echoing it back writes the bytes the user typed instead of failing.
         sys.stdout.reconfigure(errors="surrogateescape")
-    args = _parse(argv)
+    args = parse_args(argv)
     try:
-        _check_args(args)
-        code = int(args.func(args))
+        check_args(args)
+        code = int(COMMANDS[args.command](args))
         sys.stdout.flush()  # a reader that went away shows up here, not at exit
         return code
     except BrokenPipeError:  # the reader closed the pipe early: its choice, not an error

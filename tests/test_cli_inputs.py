@@ -24,7 +24,8 @@ from conftest import TINY, events, merge
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from slmkit.cli import build_parser, finite_float, main
+from slmkit.arguments import build_parser, finite_float
+from slmkit.cli import main
 
 #: a run of this trains one step of a 5,680-parameter model on a 30 KB corpus: well under a
 #: second, so the property test may let `run` train whenever a random value is accepted
