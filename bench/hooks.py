@@ -17,6 +17,10 @@ is also timed alone (attach, observe at every watched point, flush, log) on real
 activations, as a share of the no-hooks step. Targets: <= 5 % with activation_stats,
 about 0 % disabled.
 
+The guard that keeps observers from changing the model (the tensor's version counter,
+read before and after each ``observe``) is timed on its own too, per observed activation,
+beside what handing each observer a copy instead would cost.
+
     uv run python -m bench hooks [--quick | --smoke] [--precision P] [--device D] [--out DIR]
 """
 
@@ -58,6 +62,70 @@ def hook_table(enabled: bool) -> dict[str, Any]:
     }
 
 
+def capture_activations(contender: Contender, names: Sequence[str]) -> dict[str, Any]:
+    """The activations at ``names`` of one forward pass of a validation batch."""
+    import torch
+
+    trainer = contender.trainer
+    points = trainer.model.hook_points
+    captured: dict[str, torch.Tensor] = {}
+    for name in names:
+        points[name].observers.append(lambda point, x: captured.__setitem__(point, x.clone()))
+    x, _ = trainer.data.val_batches[0]
+    with torch.no_grad():
+        trainer.model(x.to(trainer.device))
+    trainer.forward_hooks.detach()
+    return captured
+
+
+class _Reader:
+    """A forward hook that does nothing: what remains is the kernel's guard around it."""
+
+    phases = ("train",)
+
+    def observe(self, point: str, activation: Any) -> None:
+        pass
+
+
+def guard_cost(activations: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
+    """Microseconds per observed activation: the unguarded call, the guarded one, a copy.
+
+    ``unguarded``: the observer called as the kernel calls it, minus the version check;
+    ``guarded``: through :meth:`ForwardHooks._observer` (the check included); ``copy``:
+    ``activation.clone()``, what handing observers a private copy would add instead.
+    """
+    import torch
+
+    from slmkit.hooks import EnabledHook, ForwardHooks
+
+    entry = EnabledHook("forward_hook", "reader", "bench", _Reader())
+    guarded = ForwardHooks._observer(entry)
+
+    def unguarded(point: str, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            entry.call("observe", point, x)
+
+    def copy(point: str, x: torch.Tensor) -> None:
+        x.clone()
+
+    calls = 200
+    ways = {"unguarded": unguarded, "guarded": guarded, "copy": copy}
+    per_call: dict[str, list[float]] = {label: [] for label in ways}
+    for fn in ways.values():  # warm up: the first calls pay for lazy initialisation
+        for point, x in activations.items():
+            fn(point, x)
+    for r in range(repeats):  # interleaved, rotating which goes first, as the steps above
+        labels = list(ways)
+        for label in labels[r % 3 :] + labels[: r % 3]:
+            started = time.perf_counter()
+            for _ in range(calls):
+                for point, x in activations.items():
+                    ways[label](point, x)
+            elapsed = time.perf_counter() - started
+            per_call[label].append(1e6 * elapsed / (calls * len(activations)))
+    return {label: spread(values) for label, values in per_call.items()}
+
+
 def direct_cost(contender: Contender, repeats: int) -> list[float]:
     """Wall seconds of one step's hook work, timed alone, on real activations.
 
@@ -66,18 +134,10 @@ def direct_cost(contender: Contender, repeats: int) -> list[float]:
     statistics), then detach, ``flush`` with its one device read, and the log event.
     The activations come from one forward pass of a validation batch (training shape).
     """
-    import torch
-
     trainer = contender.trainer
     hooks, points = trainer.forward_hooks, trainer.model.hook_points
     names = hooks.hooks[0].points
-    captured: dict[str, torch.Tensor] = {}
-    for name in names:
-        points[name].observers.append(lambda point, x: captured.__setitem__(point, x.clone()))
-    x, _ = trainer.data.val_batches[0]
-    with torch.no_grad():
-        trainer.model(x.to(trainer.device))
-    hooks.detach()
+    captured = capture_activations(contender, names)
     seconds = []
     for i in range(repeats):
         step = trainer.state.step + 1 + i
@@ -151,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for c in contenders
         }
         direct = direct_cost(contenders[1], plan["direct"])
+        guard = guard_cost(capture_activations(contenders[1], watched), plan["direct"])
         for c in contenders:
             c.close()
 
@@ -226,6 +287,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{fmt_spread(direct_ms, '{:.1f}')} ms per step over {len(direct)} repeat(s) = "
         f"{100 * direct_share:.2f} % of the no-hooks median step"
     )
+    guard_us = guard["guarded"]["median"] - guard["unguarded"]["median"]
+    guard_share = guard_us * len(watched) / 1e3 / base_ms
+    print(
+        "the in-place guard, per observed activation: "
+        f"{fmt_spread(guard['guarded'], '{:.2f}')} µs guarded vs "
+        f"{fmt_spread(guard['unguarded'], '{:.2f}')} µs unguarded (+{guard_us:.2f} µs; "
+        f"x {len(watched)} points = {100 * guard_share:.2g} % of the no-hooks step); "
+        f"a copy instead: {fmt_spread(guard['copy'], '{:.1f}')} µs"
+    )
     print(
         f"targets: activation_stats <= {100 * TARGET_STATS:.0f} %: "
         f"{'met' if stats_met else 'NOT met'} (interleaved median), "
@@ -259,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "configs": configs,
         "direct_cost_ms_per_step": direct_ms,
         "direct_cost_share_of_step": direct_share,
+        "guard_us_per_activation": guard,
+        "guard_share_of_step": guard_share,
         "targets": {
             "activation_stats_overhead": TARGET_STATS,
             "activation_stats_met": stats_met,

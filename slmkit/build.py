@@ -7,6 +7,7 @@ one. An option error a factory raises becomes one line naming the file and the k
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from slmkit.data import (
     prepare_splits,
     rank_share,
     read_corpus,
+    unknown_warning,
     validation_batches,
 )
 from slmkit.errors import CheckpointError, ConfigError, DataError
@@ -31,6 +33,7 @@ from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
 from slmkit.options import OptionValueError
 from slmkit.plugins import PluginManager
+from slmkit.stepper import Precision
 
 
 def construct(exp: Experiment, section: Any, table: str, *args: Any) -> Any:
@@ -115,7 +118,12 @@ class Data:
             "corpus": {"name": corpus, "sha256": s.corpus_sha256, "chars": s.n_chars},
             "train_tokens": len(s.train),
             "val_tokens": len(s.val),
+            "unknown_tokens": s.unknown_tokens,
         }
+
+    def unknown_warning(self) -> str | None:
+        """A warning when the tokenizer could not spell much of the corpus (``<UNK>``)."""
+        return unknown_warning(self.splits)
 
 
 def read_experiment_corpus(exp: Experiment) -> str:
@@ -217,6 +225,64 @@ def build_update_hooks(exp: Experiment, model: LanguageModel) -> UpdateHooks | N
     hooks = [entry for _, _, entry in _enabled(exp, "update_hook", "update_hooks")]
     parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return UpdateHooks(hooks, parameters) if hooks else None
+
+
+# -- everything a run builds before it trains ---------------------------------------------
+
+
+@attrs.define
+class Parts:
+    """What a run of an experiment trains with, built and checked."""
+
+    tokenizer: Tokenizer
+    data: Data
+    model: LanguageModel
+    precision: Precision
+    forward_hooks: ForwardHooks | None
+    update_hooks: UpdateHooks | None
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+
+
+def build_parts(
+    exp: Experiment,
+    device: torch.device,
+    *,
+    tokenizer_state: dict[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    meta: bool = False,
+) -> Parts:
+    """Every part a run of ``exp`` on ``device`` needs; every check of the input happens here.
+
+    ``tokenizer_state`` restores a saved tokenizer instead of training one (resume).
+    ``meta`` builds the model on the meta device (sizes, no weights): what ``slmkit
+    validate`` does, so that it refuses exactly what a run would refuse before training.
+    """
+    tokenizer = build_tokenizer(exp)
+    if tokenizer_state is not None:
+        tokenizer.load_state_dict(tokenizer_state)
+    data = build_data(
+        exp, tokenizer, train_tokenizer=tokenizer_state is None, rank=rank, world_size=world_size
+    )
+    # Every rank seeds alike, so the models start identical and the RNG streams stay in
+    # step: an update hook that draws noise (grad_noise) draws the same on every rank.
+    checkpoint.seed_all(exp.experiment.seed)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = build_model(exp, tokenizer)
+    if not meta:
+        model = model.to(device)
+    precision = Precision.of(exp, device)
+    return Parts(
+        tokenizer=tokenizer,
+        data=data,
+        model=model,
+        precision=precision,
+        forward_hooks=build_forward_hooks(exp, model),
+        update_hooks=build_update_hooks(exp, model),
+        optimizer=build_optimizer(exp, model),
+        schedule=build_schedule(exp),
+    )
 
 
 # -- devices and saved models --------------------------------------------------------------

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import os
+import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from slmkit import __version__
+from slmkit.arguments import check_args, parse_args
 from slmkit.errors import RunInterrupted, SlmkitError
 from slmkit.plugins import PluginManager
 from slmkit.table import format_table
@@ -49,13 +52,16 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
     """Run the grid one run after another, then print the sweep's table.
 
     Every combination is resolved first, so a bad value stops the sweep before any run.
-    A run that fails is reported and the sweep goes on; Ctrl-C stops the whole sweep.
+    A run that fails is reported and the sweep goes on; Ctrl-C stops the whole sweep. All
+    it prints goes through one :class:`Console`, which goes quiet if the reader leaves
+    (``| head``) rather than stopping the sweep.
     """
     from pathlib import Path
 
     from slmkit.config.resolve import load_experiment
     from slmkit.distributed import World
     from slmkit.errors import ConfigError, RunError
+    from slmkit.progress import Console
     from slmkit.runs import list_runs, runs_table
     from slmkit.sweep import grid, new_sweep_id, parse_sweeps
     from slmkit.train import Trainer
@@ -71,44 +77,59 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
     experiments = [load_experiment(args.experiment, manager, [*args.set, *c]) for c in combos]
     sweep_id = new_sweep_id(experiments[0].experiment.name)
     runs_dir = Path(args.runs_dir or experiments[0].experiment.runs_dir)
-    print(f"sweep {sweep_id}: {len(combos)} runs of {args.experiment}")
+    console = Console()
+    console.say(f"sweep {sweep_id}: {len(combos)} runs of {args.experiment}")
     failed = []
     for index, (exp, combo) in enumerate(zip(experiments, combos, strict=True)):
-        print(f"sweep {sweep_id}: run {index + 1}/{len(combos)}: {' '.join(combo)}")
+        console.say(f"sweep {sweep_id}: run {index + 1}/{len(combos)}: {' '.join(combo)}")
         tag = {"id": sweep_id, "index": index, "size": len(combos), "overrides": combo}
         try:
-            Trainer(exp, manager, args.experiment, init_from=args.init_from, runs_dir=runs_dir,
-                    sweep=tag, overrides=[*args.set, *combo]).run()  # fmt: skip
+            Trainer(
+                exp, manager, args.experiment, init_from=args.init_from, runs_dir=runs_dir,
+                console=console, sweep=tag, overrides=[*args.set, *combo],
+            ).run()  # fmt: skip
         except (RunError, ConfigError) as exc:
             print(f"sweep {sweep_id}: run {index + 1} failed: {exc}", file=sys.stderr)
             failed.append(index + 1)
     records = list_runs(runs_dir, sweep=sweep_id)
     records.sort(key=lambda r: r.sweep["index"] if r.sweep else 0)
-    print(f"\nsweep {sweep_id}: {len(records)} runs in {runs_dir}")
-    print(runs_table(records, [key for key, _ in axes]), end="")
-    print(f"compare: slmkit compare --sweep {sweep_id} --runs-dir {runs_dir} --out report.html")
+    console.say(f"\nsweep {sweep_id}: {len(records)} runs in {runs_dir}")
+    console.say(runs_table(records, [key for key, _ in axes]).rstrip("\n"))
+    console.say(
+        f"compare: slmkit compare --sweep {sweep_id} --runs-dir {runs_dir} --out report.html"
+    )
     if failed:
         raise RunError(f"sweep {sweep_id}: run(s) {', '.join(map(str, failed))} failed")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Resolve an experiment and its plugins; print it and the parameter count."""
-    import torch
+    """Build everything a run builds before training; print the experiment and its sizes.
 
-    from slmkit.build import build_model, build_tokenizer
+    The corpus is read and split, the tokenizer trained, the model built on the meta
+    device (sizes, no weights), with the optimizer, schedule and hooks: what a run would
+    refuse, this refuses first.
+    """
+    from slmkit.build import build_parts, resolve_device
     from slmkit.config.resolve import load_experiment
 
     manager = _manager()
     exp = load_experiment(args.experiment, manager, args.set)
-    tokenizer = build_tokenizer(exp)
-    with torch.device("meta"):  # sizes only: no memory, no initialisation cost
-        model = build_model(exp, tokenizer)
+    device = resolve_device(exp.training.device, args.experiment)
+    parts = build_parts(exp, device, meta=True)
+    model, splits = parts.model, parts.data.splits
     print(f"# {args.experiment}: valid")
     print(f"# config_hash {exp.config_hash}")
     print(f"# plugins: {', '.join(exp.participants)}")
     print(exp.to_toml(), end="")
     print(f"# parameters: {model.n_params:,} ({model.n_params})")
+    print(
+        f"# data: {splits.n_chars:,} characters, {len(splits.train):,} training and "
+        f"{len(splits.val):,} validation tokens"
+    )
+    warning = parts.data.unknown_warning()
+    if warning is not None:
+        print(f"slmkit: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -237,129 +258,77 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- parser --------------------------------------------------------------------------------
+#: each command's function, by the name the command line uses
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "plugins": cmd_plugins,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "runs": cmd_runs,
+    "compare": cmd_compare,
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="slmkit", description="Build and study small language models from plugins."
-    )
-    parser.add_argument("--version", action="version", version=f"slmkit {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a dotted experiment key, TOML syntax (repeatable)",
-        )
-
-    p = sub.add_parser("run", help="train an experiment")
-    p.add_argument("experiment", help="experiment TOML file")
-    overrides(p)
-    p.add_argument(
-        "--resume",
-        metavar="CHECKPOINT_OR_RUN_DIR",
-        help="continue a run in its folder, from its newest good checkpoint (or from this "
-        "checkpoint file in its checkpoints/)",
-    )
-    p.add_argument(
-        "--init-from",
-        metavar="CHECKPOINT_OR_RUN_DIR",
-        help="start a new run from the weights (and tokenizer) of a checkpoint; a run folder "
-        "means its newest good one. Optimizer, schedule and step start fresh",
-    )
-    p.add_argument("--runs-dir", help="where run folders go (default: experiment.runs_dir)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        help="torch's CPU threads: --set training.threads=N (default: torch's own count; "
-        "1 is often much faster when other work shares the cores)",
-    )
-    p.add_argument(
-        "--sweep",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2,...",
-        help="run once per value (repeat for a grid of every combination); see docs/experiments.md",
-    )
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("validate", help="check an experiment and print it resolved; train nothing")
-    p.add_argument("experiment", help="experiment TOML file")
-    overrides(p)
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("plugins", help="list installed plugins and what they provide")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_plugins)
-
-    p = sub.add_parser("sample", help="generate text from a saved model")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="only the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--no-cache", action="store_true", help="recompute the context each token")
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser("eval", help="validation loss of a saved model")
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("runs", help="list runs, newest first")
-    p.add_argument("dir", nargs="?", default="runs", help="a folder of runs (default: runs)")
-    p.add_argument("--sweep", metavar="ID", help="only the runs of this sweep")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_runs)
-
-    p = sub.add_parser("compare", help="runs side by side: config diff, metrics, loss curves")
-    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders or run ids")
-    p.add_argument("--sweep", metavar="ID", help="add every run of this sweep")
-    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs)")
-    p.add_argument("--out", metavar="REPORT.html", help="write a self-contained HTML report")
-    p.add_argument("--png", metavar="FILE.png", help="write the loss curves as a PNG")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_compare)
-    return parser
+# -- exits ---------------------------------------------------------------------------------
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if (getattr(args, "threads", None) or 0) < 0:
-        raise SlmkitError("--threads: must be >= 0 (0: torch's own count)")
-    if getattr(args, "max_new_tokens", 1) <= 0:
-        raise SlmkitError("--max-new-tokens: must be > 0")
-    if getattr(args, "temperature", 1.0) <= 0:
-        raise SlmkitError("--temperature: must be > 0")
-    if getattr(args, "top_k", 0) < 0:
-        raise SlmkitError("--top-k: must be >= 0")
-    if not 0 < getattr(args, "top_p", 1.0) <= 1:
-        raise SlmkitError("--top-p: must be in (0, 1]")
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (torch raises RuntimeErrors for it)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "allocate" in text)
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``): a name typed with a newline
+    in it must not break an error into two lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _allocation_failure(exc: BaseException) -> str:
+    """The gist of a failed allocation: torch's message without its source location."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^\[[^\]]*\]\s*(err == 0\.\s*)?", "", text)  # "[enforce fail at ...]"
+    return f"{text[:160]} (a smaller model, batch or --max-new-tokens may fit)"
+
+
+def _stdout_gone() -> None:
+    """After a BrokenPipeError (``slmkit runs | head -1``): send what remains to devnull.
+
+    Python's docs recommend this, so the interpreter's last flush of stdout cannot fail
+    again at exit with a second traceback.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout replaced (tests): nothing to do
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slmkit`` command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A path or prompt typed in bytes that are not UTF-8 reaches Python as surrogates;
+        # echoing it back writes the bytes the user typed instead of failing.
+        sys.stdout.reconfigure(errors="surrogateescape")
+    args = parse_args(argv)
     try:
-        _check_args(args)
-        return int(args.func(args))
+        check_args(args)
+        code = int(COMMANDS[args.command](args))
+        sys.stdout.flush()  # a reader that went away shows up here, not at exit
+        return code
+    except BrokenPipeError:  # the reader closed the pipe early: its choice, not an error
+        _stdout_gone()
+        return 0
     except RunInterrupted as exc:
         print(f"slmkit: stopped by {exc}", file=sys.stderr)
         return exc.exit_code
     except SlmkitError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"slmkit: error: {exc}", file=sys.stderr)
+        print(f"slmkit: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("slmkit: interrupted", file=sys.stderr)
@@ -367,6 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
+        if _out_of_memory(exc):
+            print(f"slmkit: error: out of memory: {_allocation_failure(exc)}", file=sys.stderr)
+            return 1
         print(
             f"slmkit: internal error: {type(exc).__name__}: {exc} "
             "(run again with --debug for the traceback)",

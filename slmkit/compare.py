@@ -39,11 +39,13 @@ def differing_keys(records: Sequence[RunRecord]) -> list[str]:
     """Dotted experiment keys whose values are not the same in every run.
 
     ``experiment.name`` is left out when it is the only difference a sweep makes, as are
-    keys that only name where a run went (``experiment.runs_dir``).
+    keys that only name where a run went (``experiment.runs_dir``). Runs whose
+    ``experiment.toml`` could not be read (damaged) take no part.
     """
+    readable = [r for r in records if r.experiment]
     keys: set[str] = set()
-    for other in records[1:]:
-        keys.update(changed_keys(records[0].experiment, other.experiment))
+    for other in readable[1:]:
+        keys.update(changed_keys(readable[0].experiment, other.experiment))
     keys.discard("experiment.runs_dir")
     return sorted(keys)
 
@@ -52,8 +54,13 @@ def config_diff_rows(records: Sequence[RunRecord]) -> list[list[str]]:
     """A header row of run ids, then one row per differing key."""
     rows = [["KEY", *(r.run_id for r in records)]]
     for key in differing_keys(records):
-        rows.append([key, *(format_value(lookup(r.experiment, key)) for r in records)])
+        rows.append([key, *(experiment_value(r, key) for r in records)])
     return rows
+
+
+def experiment_value(record: RunRecord, key: str) -> str:
+    """A run's value of a dotted key as the diff shows it; ``?`` when it is unreadable."""
+    return format_value(lookup(record.experiment, key)) if record.experiment else "?"
 
 
 def environment_value(record: RunRecord, key: str) -> str:
@@ -281,6 +288,8 @@ def write_outputs(
     for path in (report, png):
         if path is not None and not path.parent.is_dir():
             raise SlmkitError(f"{path}: no such folder {path.parent}")
+        if path is not None and (path.is_dir() or path.name in ("", ".", "..")):
+            raise SlmkitError(f"{path}: is a folder; name the file to write")
     picture = loss_curves_png(records)
     written = []
     if png is not None:

@@ -52,7 +52,8 @@ class Tokenizer(Protocol):
 # the same for text[start:end] without slicing it, which the pipeline prefers to both
 # (it encodes each split where it lies in the corpus, so no split is copied). A tokenizer
 # whose ``train`` is a no-op may set ``needs_training = False``: the pipeline then does not
-# copy out the training text to call it.
+# copy out the training text to call it. A tokenizer with an unknown-token id may say so with
+# ``unk_id``: a run then counts it in the corpus and warns when it exceeds a few percent.
 
 
 @attrs.define(frozen=True)
@@ -206,7 +207,8 @@ class ForwardHook(Protocol):
     The kernel attaches it to the points its ``[[forward_hooks]]`` table selects (or
     ``default_points``) on the passes named in ``phases``: ``"train"`` on every ``every``-th
     training step, ``"eval"`` on the validation passes of such steps. During the pass
-    ``observe`` receives each activation (detached; never modify it); afterwards ``flush``
+    ``observe`` receives each activation (detached, read-only: a hook that modifies it in
+    place fails, naming the hook; work on ``activation.clone()``); afterwards ``flush``
     returns the metrics to log, or None. Under gradient accumulation a training step is
     watched on its first micro-batch only (one ``observe`` per point per step); a
     validation pass calls ``observe`` once per point per validation batch. A hook may

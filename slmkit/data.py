@@ -29,6 +29,8 @@ class Splits:
     val: torch.Tensor
     n_chars: int
     corpus_sha256: str
+    #: tokens of both splits that are the tokenizer's ``unk_id`` (0 if it has none)
+    unknown_tokens: int = 0
 
     @property
     def chars_per_token(self) -> float:
@@ -36,12 +38,23 @@ class Splits:
         return self.n_chars / (len(self.train) + len(self.val))
 
 
+#: a share of ``<UNK>`` tokens above which a run warns that its corpus hardly fits the
+#: tokenizer (the char tokenizer's ASCII policy, say, on a text in another script)
+UNKNOWN_WARN_SHARE = 0.02
+
+
 def read_corpus(corpus: Corpus) -> str:
-    """The corpus's texts joined by newlines; an empty corpus is an error."""
+    """The corpus's texts joined by newlines; an empty corpus or NUL characters are errors."""
     texts = list(corpus.texts())
     text = texts[0] if len(texts) == 1 else "\n".join(texts)
     if not text.strip():
         raise DataError("the corpus is empty")
+    nul = text.find("\0")  # a fast scan, whatever corpus plugin the text came from
+    if nul >= 0:
+        raise DataError(
+            f"the corpus contains NUL characters (the first at character {nul}): "
+            "binary data, not text"
+        )
     return text
 
 
@@ -102,7 +115,23 @@ def prepare_splits(
                 "model.context_length or another data.val_fraction"
             )
     digest = text_sha256(text)
-    return Splits(train=train, val=val, n_chars=len(text), corpus_sha256=digest)
+    unk = getattr(tokenizer, "unk_id", None)
+    unknown = 0 if unk is None else int((train == unk).sum()) + int((val == unk).sum())
+    return Splits(train, val, n_chars=len(text), corpus_sha256=digest, unknown_tokens=unknown)
+
+
+def unknown_warning(splits: Splits) -> str | None:
+    """A warning when more than :data:`UNKNOWN_WARN_SHARE` of the tokens are ``<UNK>``."""
+    total = len(splits.train) + len(splits.val)
+    share = splits.unknown_tokens / total
+    if share <= UNKNOWN_WARN_SHARE:
+        return None
+    return (
+        f"{splits.unknown_tokens:,} of the corpus's {total:,} tokens ({100 * share:.1f} %) are "
+        f"<UNK>, more than {100 * UNKNOWN_WARN_SHARE:.0f} %: the tokenizer cannot spell much "
+        "of this text (the char tokenizer keeps ASCII only); check the corpus's encoding "
+        "and language, or use the bpe tokenizer"
+    )
 
 
 def text_sha256(text: str, chunk: int = 1 << 18) -> str:

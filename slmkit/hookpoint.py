@@ -21,7 +21,8 @@ class HookPoint(nn.Module):
 
     ``name`` is set by the model to the point's module path. Observers receive
     ``(name, tensor.detach())``; what they return is discarded, so they cannot change the
-    model's outputs (they must not modify the tensor in place either).
+    model's outputs. The detached tensor shares its data with the model's: the kernel's
+    observers (:class:`slmkit.hooks.ForwardHooks`) check that a hook left it unchanged.
     """
 
     def __init__(self) -> None:

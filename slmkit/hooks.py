@@ -38,6 +38,16 @@ def to_plain(value: Any) -> Any:
     return value
 
 
+class ActivationModified(Exception):
+    """A forward hook changed the activation it observed, in place."""
+
+    def __init__(self, point: str) -> None:
+        super().__init__(
+            f"it modified the activation at {point!r} in place, which would change what the "
+            "model computes; observers must only read (work on activation.clone())"
+        )
+
+
 class EnabledHook:
     """One hook component enabled by an experiment table."""
 
@@ -99,8 +109,15 @@ class ForwardHooks:
     @staticmethod
     def _observer(entry: EnabledHook) -> Observer:
         def observe(point: str, activation: torch.Tensor) -> None:
+            if activation.is_inference():  # no version counter to check: a private copy
+                with torch.no_grad():
+                    entry.call("observe", point, activation.clone())
+                return
+            version = activation._version  # shared with the model's tensor and its views
             with torch.no_grad():
                 entry.call("observe", point, activation)
+            if activation._version != version:
+                raise HookFailure(f"{entry.label}.observe", entry.plugin, ActivationModified(point))
 
         return observe
 

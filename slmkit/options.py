@@ -8,6 +8,7 @@ carrying the field name, so every option error reads the same way:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -26,14 +27,22 @@ class OptionValueError(ValueError):
 Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
 
+def _finite(attribute: attrs.Attribute[Any], value: Any) -> None:
+    """Refuse NaN and the infinities, which every comparison below would let through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionValueError(attribute.name, f"must be a finite number, got {value!r}")
+
+
 def positive(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    """Require ``value > 0``."""
+    """Require ``value > 0`` (and finite)."""
+    _finite(attribute, value)
     if value <= 0:
         raise OptionValueError(attribute.name, f"must be > 0, got {value!r}")
 
 
 def non_negative(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    """Require ``value >= 0``."""
+    """Require ``value >= 0`` (and finite)."""
+    _finite(attribute, value)
     if value < 0:
         raise OptionValueError(attribute.name, f"must be >= 0, got {value!r}")
 
@@ -41,10 +50,11 @@ def non_negative(_instance: Any, attribute: attrs.Attribute[Any], value: Any) ->
 def in_range(
     low: float, high: float, *, low_open: bool = False, high_open: bool = False
 ) -> Validator:
-    """Require ``low <= value <= high``; ``low_open``/``high_open`` exclude the ends."""
+    """Require ``low <= value <= high``, finite; ``low_open``/``high_open`` exclude the ends."""
     left, right = "(" if low_open else "[", ")" if high_open else "]"
 
     def check(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        _finite(attribute, value)
         too_low = value <= low if low_open else value < low
         too_high = value >= high if high_open else value > high
         if too_low or too_high:

@@ -187,31 +187,37 @@ class PluginManager:
     ) -> PluginInfo:
         info = PluginInfo(name=name, version=version, builtin=builtin, source=source)
         self.plugins[name] = info
+        # Every step runs plugin code (importing it, pluggy reading its attributes, its
+        # registration hooks), and plugin code may raise anything, SystemExit and
+        # KeyboardInterrupt included: each is caught, so a broken plugin never stops slmkit.
         try:
             plugin = importer()
-        except BaseException as exc:  # a plugin may raise anything on import, even SystemExit
+        except BaseException as exc:
             info.error = f"import failed: {_describe(exc)}"
             return info
+        step = "registration"
         try:
             self.pm.register(plugin, name=name)
-        except Exception as exc:
-            info.error = f"registration failed: {_describe(exc)}"
-            return info
-        unknown = self._unknown_hooks(plugin)
-        if unknown:
-            self.pm.unregister(plugin)
-            info.error = "; ".join(unknown)
-            return info
-        info.hooks = sorted(impl_name for impl_name in self._hook_names(plugin))
-        try:
+            step = "checking its hook names"
+            unknown = self._unknown_hooks(plugin)
+            if unknown:
+                self._discard(name)
+                info.error = "; ".join(unknown)
+                return info
+            info.hooks = sorted(self._hook_names(plugin))
+            step = "registering components"
             self._register_components(plugin, name)
-        except Exception as exc:
-            self.registry.remove_plugin(name)
-            self.pm.unregister(plugin)
-            info.error = f"registering components failed: {_describe(exc)}"
-            return info
-        info.provides = self.registry.provided_by(name)
+            info.provides = self.registry.provided_by(name)
+        except BaseException as exc:
+            self._discard(name)
+            info.error = f"{step} failed: {_describe(exc)}"
         return info
+
+    def _discard(self, name: str) -> None:
+        """Forget whatever a plugin that failed part-way had registered."""
+        self.registry.remove_plugin(name)
+        if self.pm.get_plugin(name) is not None:  # pluggy may hold a half-registered one
+            self.pm.unregister(name=name)
 
     def _hook_names(self, plugin: object) -> list[str]:
         return [

@@ -46,8 +46,13 @@ class Console:
         self._line_open = False
 
     def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            # The reader went away (`slmkit run ... | head`): the run goes on, quietly;
+            # log.jsonl has every line it would have shown.
+            self.quiet = True
 
     def say(self, message: str) -> None:
         """Print one line (closing the live progress line first)."""

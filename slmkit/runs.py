@@ -12,7 +12,6 @@ drop them and keep the values of the resumed process.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,11 +28,11 @@ from slmkit.run_segments import (
     status,
     whole_run_tokens_per_s,
 )
-from slmkit.runlog import read_events
+from slmkit.runfiles import as_int, as_number, as_table, as_text, read_experiment, read_log
 from slmkit.table import format_table
 
 #: what a run's ``status`` can be
-STATUSES = ("running", "finished", "stopped", "failed")
+STATUSES = ("running", "finished", "stopped", "failed", "damaged")
 
 
 @attrs.define
@@ -117,7 +116,10 @@ class RunRecord:
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` looks like a run folder (it has a log)."""
-    return (path / "log.jsonl").is_file()
+    try:
+        return (path / "log.jsonl").is_file()
+    except OSError:  # a folder we may not look into is no run folder of ours
+        return False
 
 
 def _tokens_per_step(experiment: dict[str, Any], start: dict[str, Any]) -> int | None:
@@ -138,69 +140,97 @@ def _loss(value: Any) -> float:
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
-    """Read one run folder; raises :class:`SlmkitError` when it is not one."""
+    """Read one run folder; raises :class:`SlmkitError` when it is not one.
+
+    A damaged folder (unreadable or malformed ``experiment.toml``, lines of ``log.jsonl``
+    that are not events, values of the wrong type) is still read: what can be read is
+    kept, and the record's status is ``damaged``, with the problems as its detail.
+    """
     run_dir = Path(run_dir)
     log = run_dir / "log.jsonl"
-    if not log.is_file():
+    if not is_run_dir(run_dir):
         raise SlmkitError(f"{run_dir}: not a run folder (no log.jsonl)")
+    problems: list[str] = []
+    experiment = read_experiment(run_dir / "experiment.toml", problems)
+    events = read_log(log, problems)
     try:
-        experiment = tomllib.loads((run_dir / "experiment.toml").read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        experiment = {}
-    events = read_events(log)
-    segments = split_segments(events)
+        record = _record(run_dir, experiment, events, problems)
+    except Exception as exc:  # a shape of damage the checks above did not foresee
+        problems.append(f"unreadable: {type(exc).__name__}: {exc}")
+        record = _record(run_dir, {}, [], [])
+    if problems:
+        record.status, record.status_detail = "damaged", "; ".join(problems)[:300]
+    return record
 
+
+def _record(
+    run_dir: Path, experiment: dict[str, Any], events: list[dict[str, Any]], problems: list[str]
+) -> RunRecord:
+    """The record of a run from its experiment and events; wrong types become problems."""
     train: dict[int, float] = {}
     val: dict[int, tuple[float, float | None]] = {}
     steps = 0
     train_tokens_per_s: float | None = None
     sample: str | None = None
+    malformed: set[str] = set()
     for event in events:
-        name = event.get("event")
-        step = event.get("step")
-        resumed = event.get("resumed_from_step") if name == "run_start" else None
+        name = event["event"]
+        step = as_int(event.get("step"))
+        resumed = as_int(event.get("resumed_from_step")) if name == "run_start" else None
         if resumed is not None:  # steps past the checkpoint were trained again
             train = {s: v for s, v in train.items() if s <= resumed}
             val = {s: v for s, v in val.items() if s <= resumed}
-            steps = min(steps, int(resumed))
-        if isinstance(step, int):
+            steps = min(steps, resumed)
+        if step is not None:
             steps = max(steps, step)
-        if name == "train_step" and step is not None:
-            train[step] = _loss(event.get("train_loss"))
-            train_tokens_per_s = event.get("tokens_per_s")
-        elif name == "eval" and step is not None:
-            val[step] = (_loss(event.get("val_loss")), event.get("val_bpc"))
+        if name in ("train_step", "eval"):
+            key = "train_loss" if name == "train_step" else "val_loss"
+            loss = event.get(key)  # null: a non-finite value (see `nonfinite`)
+            if step is None or not (loss is None or as_number(loss) is not None):
+                malformed.add(name)
+            elif name == "train_step":
+                train[step] = _loss(loss)
+                train_tokens_per_s = as_number(event.get("tokens_per_s"))
+            else:
+                val[step] = (_loss(loss), as_number(event.get("val_bpc")))
         elif name == "sample":
-            sample = event.get("sample_text")
+            sample = as_text(event.get("sample_text"))
+    if malformed:
+        problems.append("log.jsonl: malformed " + ", ".join(sorted(malformed)) + " event(s)")
 
+    segments = split_segments(events)
     starts = [started(segment) for segment in segments if started(segment)]
     first_start = starts[0] if starts else {}
     segment = segments[-1] if segments else []
     start = started(segment) or first_start
     state, detail = status(segment) if start else ("failed", "no run_start logged")
-    end = next((e for e in reversed(segment) if e.get("event") == "run_end"), None)
-    summary = end.get("summary", {}) if end else {}
+    end = next((e for e in reversed(segment) if e["event"] == "run_end"), None)
+    summary = as_table(end.get("summary")) if end else {}
     tokens_per_step = _tokens_per_step(experiment, start)
     if end is None:  # still training, or stopped: the latest logging window's speed
         tokens_per_s = train_tokens_per_s
     elif len(starts) == 1:  # one process: its own measure
-        tokens_per_s = summary.get("tokens_per_s")
+        tokens_per_s = as_number(summary.get("tokens_per_s")) or train_tokens_per_s
     else:  # resumed: over every process's kept steps
         tokens_per_s = whole_run_tokens_per_s(segments, tokens_per_step or 0) or None
     last = val[max(val)] if val else None
     finite = [s for s in val if math.isfinite(val[s][0])]
     best_step = min(finite, key=lambda s: val[s][0]) if finite else None
     best = val[best_step] if best_step is not None else None
+    max_steps = as_int(start.get("max_steps"))
+    if max_steps is None:
+        max_steps = as_int(lookup(experiment, "training.max_steps", None))
+    sweep = first_start.get("sweep")
     return RunRecord(
-        run_id=str(start.get("run_id") or run_dir.name),
+        run_id=as_text(start.get("run_id")) or run_dir.name,
         run_dir=run_dir,
-        experiment_name=str(
-            start.get("experiment") or experiment.get("experiment", {}).get("name", "?")
-        ),
+        experiment_name=as_text(start.get("experiment"))
+        or as_text(lookup(experiment, "experiment.name", None))
+        or "?",
         status=state,
         status_detail=detail,
-        steps=int(summary.get("steps", steps)),
-        max_steps=start.get("max_steps", experiment.get("training", {}).get("max_steps")),
+        steps=steps if as_int(summary.get("steps")) is None else summary["steps"],
+        max_steps=max_steps,
         last_val_loss=last[0] if last else None,
         last_val_bpc=last[1] if last else None,
         best_val_loss=best[0] if best else None,
@@ -210,11 +240,11 @@ def read_run(run_dir: str | Path) -> RunRecord:
         tokens_per_step=tokens_per_step,
         # recomputed from experiment.toml: runs logged before the hash left out
         # training.max_steps match the runs of today
-        config_hash=config_hash(experiment) if experiment else start.get("config_hash"),
-        git_commit=start.get("git_commit"),
-        git_dirty=start.get("git_dirty"),
-        started=first_start.get("timestamp"),
-        sweep=first_start.get("sweep"),
+        config_hash=config_hash(experiment) if experiment else as_text(start.get("config_hash")),
+        git_commit=as_text(start.get("git_commit")),
+        git_dirty=start.get("git_dirty") if isinstance(start.get("git_dirty"), bool) else None,
+        started=as_text(first_start.get("timestamp")),
+        sweep=sweep if isinstance(sweep, dict) else None,
         experiment=experiment,
         environment=environment_history(segments),
         train_curve=Curve.from_points(train),
@@ -228,7 +258,11 @@ def list_runs(runs_dir: str | Path, *, sweep: str | None = None) -> list[RunReco
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise SlmkitError(f"{runs_dir}: no such folder of runs")
-    records = [read_run(p) for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p)]
+    try:
+        folders = [p for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p)]
+    except OSError as exc:
+        raise SlmkitError(f"{runs_dir}: cannot list the folder: {exc.strerror or exc}") from None
+    records = [read_run(p) for p in folders]
     if sweep is not None:
         records = [r for r in records if (r.sweep or {}).get("id") == sweep]
     return newest_first(records)

@@ -21,16 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from slmkit import __version__, checkpoint
-from slmkit.build import (
-    build_data,
-    build_forward_hooks,
-    build_model,
-    build_optimizer,
-    build_schedule,
-    build_tokenizer,
-    build_update_hooks,
-    resolve_device,
-)
+from slmkit.build import build_parts, resolve_device
 from slmkit.config.schema import Experiment
 from slmkit.distributed import World
 from slmkit.errors import HookFailure, RunError, SlmkitError, first_line
@@ -42,7 +33,7 @@ from slmkit.rundir import create_run_dir, write_run_files
 from slmkit.runlog import NullLog, RunLog, environment, git_state
 from slmkit.signals import StopSignals
 from slmkit.state import TrainState, load_init, load_resume, tokenizer_record
-from slmkit.stepper import Precision, Stepper
+from slmkit.stepper import Stepper
 from slmkit.threads import ThreadCheck, use_threads
 
 
@@ -91,26 +82,17 @@ class Trainer:
         self.resume = None if resume is None else load_resume(resume, *context)
         self.init = None if init_from is None else load_init(init_from, *context)
         start = self.resume or self.init  # its tokenizer, not one trained again
-        self.tokenizer = build_tokenizer(exp)
-        if start is not None:
-            self.tokenizer.load_state_dict(start.payload["tokenizer"]["state"])
-        self.data = build_data(
-            exp, self.tokenizer, train_tokenizer=start is None,
-            rank=world.rank, world_size=world.world_size,
-        )  # fmt: skip
-        # Every rank seeds alike, so the models start identical and the RNG streams stay in
-        # step: an update hook that draws noise (grad_noise) draws the same on every rank.
-        checkpoint.seed_all(exp.experiment.seed)
-        self.model = build_model(exp, self.tokenizer).to(device)
+        saved = None if start is None else start.payload["tokenizer"]["state"]
+        parts = build_parts(
+            exp, device, tokenizer_state=saved, rank=world.rank, world_size=world.world_size
+        )  # every rank builds everything, so every rank refuses the same input
+        self.tokenizer, self.data, self.model = parts.tokenizer, parts.data, parts.model
         if self.init is not None:
             self.init.apply(self.model)
-        precision = Precision.of(exp, device)
-        forward_hooks = build_forward_hooks(exp, self.model)  # on every rank: same errors
         # Forward hooks observe (and may write files): on rank 0 only, seeing its share.
-        self.forward_hooks = forward_hooks if world.is_main else None
-        self.update_hooks = build_update_hooks(exp, self.model)
-        self.optimizer = build_optimizer(exp, self.model)
-        self.schedule = build_schedule(exp)
+        self.forward_hooks = parts.forward_hooks if world.is_main else None
+        self.update_hooks, self.optimizer = parts.update_hooks, parts.optimizer
+        self.schedule, precision = parts.schedule, parts.precision
         self.stepper = Stepper(
             exp, self.model, self.optimizer, self.schedule, self.data.stream, precision,
             world, self.console, self.forward_hooks, self.update_hooks,
@@ -198,6 +180,10 @@ class Trainer:
         """Log ``run_start``, say what trains where, start the hooks, call on_run_start."""
         t = self.exp.training
         run.log("run_start", **self._run_start_fields())
+        warning = self.data.unknown_warning()
+        if warning is not None:
+            run.log("data_warning", message=warning)
+            self.console.say(f"warning: {warning}")
         self.console.say(
             f"{'resuming' if self.resume else 'run'} {run.run_id}: "
             f"{self.model.n_params:,} parameters on {self.device}, "

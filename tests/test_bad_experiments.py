@@ -58,6 +58,13 @@ BAD: list[tuple[dict, str]] = [
     ({"update_hooks": [{"name": "clip_grad_norm", "max_nrom": 1.0}]}, "update_hooks.0.max_nrom"),
     ({"sampling": {"temperature": 0}}, "sampling.temperature"),
     ({"experiment": {"seed": -1}}, "experiment.seed"),
+    # NaN and the infinities are TOML floats, and every comparison lets NaN through
+    ({"optimizer": {"learning_rate": float("nan")}}, "optimizer.learning_rate"),
+    ({"optimizer": {"learning_rate": float("inf")}}, "optimizer.learning_rate"),
+    ({"model": {"dropout": float("nan")}}, "model.dropout"),
+    ({"data": {"val_fraction": float("-inf")}}, "data.val_fraction"),
+    ({"sampling": {"top_p": float("nan")}}, "sampling.top_p"),
+    ({"update_hooks": [{"name": "grad_noise", "eta": float("inf")}]}, "update_hooks.0.eta"),
 ]  # fmt: skip
 
 

@@ -70,6 +70,56 @@ def test_bad_experiments_exit_2_with_one_line_and_no_run_folder(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data": {"corpus": "file", "path": "missing.txt"}},
+         "data.path: no such file or folder: 'missing.txt'"),
+        ({"data": {"corpus": "file", "path": "small.txt"}},
+         "data: the validation split has 5 tokens, fewer than one window of context_length "
+         "+ 1 = 33; use a larger corpus, a shorter model.context_length or another "
+         "data.val_fraction"),
+        ({"data": {"corpus": "file", "path": "binary.txt"}},
+         "data.path: 'binary.txt' looks binary (it contains NUL bytes, the first at byte 20000)"),
+        ({"forward_hooks": [{"name": "activation_stats", "points": ["blocks.*.hook_nothing"]}]},
+         "forward_hooks.0.points: 'blocks.*.hook_nothing' matches no hook point of this model"),
+        ({"training": {"precision": "fp16", "device": "cpu"}},
+         'training.precision: "fp16" needs a CUDA device (this run is on cpu); use "bf16"'),
+    ],
+    ids=["missing-corpus", "corpus-too-small", "binary-corpus", "glob-matches-nothing", "fp16-cpu"],
+)  # fmt: skip
+def test_validate_refuses_what_run_refuses_with_the_same_line(
+    write_experiment, tmp_path, monkeypatch, capsys, changes, message
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small.txt").write_text("x" * 100)  # 95 + 5 characters: no validation window
+    (tmp_path / "binary.txt").write_bytes(b"text " * 4000 + b"\x00")
+    path = write_experiment(changes)
+    assert main(["validate", str(path)]) == 2
+    validate = capsys.readouterr()
+    assert validate.out == ""
+    assert validate.err.startswith(f"slmkit: error: {path}: {message}")
+    assert validate.err.count("\n") == 1
+    assert main(["run", str(path), "--runs-dir", "runs"]) == 2
+    assert capsys.readouterr().err == validate.err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validate_reports_the_data_and_warns_of_unknown_characters(
+    write_experiment, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "greek.txt").write_text("καλημέρα κόσμε " * 200, encoding="utf-8")
+    path = write_experiment({"data": {"corpus": "file", "path": "greek.txt"}})
+    assert main(["validate", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "# data: 3,000 characters, 2,850 training and 150 validation tokens\n" in captured.out
+    assert captured.err.startswith(
+        "slmkit: warning: 2,600 of the corpus's 3,000 tokens (86.7 %) are <UNK>, more than 2 %"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["greek.txt", path.name]  # no runs/
+
+
 def test_errors_have_no_traceback_unless_debug(write_experiment, cli) -> None:
     path = write_experiment({"model": {"n_heads": 3}})
     done = cli("run", str(path))

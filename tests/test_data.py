@@ -377,6 +377,53 @@ def test_file_corpus_binary_file(tmp_path: Path) -> None:
     assert str(path) in error.message
 
 
+def test_file_corpus_nul_byte_after_the_first_8_kb(tmp_path: Path) -> None:
+    path = tmp_path / "data.txt"
+    path.write_bytes(b"plain text\n" * 10_000 + b"\x00" + b"more text\n")
+    error = _corpus_error(path)
+    assert error.message == (
+        f"{str(path)!r} looks binary (it contains NUL bytes, the first at byte 110000)"
+    )
+
+
+def test_file_corpus_nul_check_is_fast_on_100_mb(tmp_path: Path) -> None:
+    import time
+
+    from slmkit_builtin.corpora import read_text_file
+
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"x" * (100 << 20) + b"\x00")
+    started = time.perf_counter()
+    with pytest.raises(OptionValueError, match="the first at byte 104857600"):
+        read_text_file(path)
+    assert time.perf_counter() - started < 5  # the read and one memchr: well under a second
+
+
+def test_read_corpus_refuses_nul_from_any_corpus() -> None:
+    with pytest.raises(DataError) as caught:
+        read_corpus(ListCorpus(["text", "more\0text"]))
+    assert str(caught.value) == (
+        "the corpus contains NUL characters (the first at character 9): binary data, not text"
+    )
+
+
+def test_unknown_tokens_are_counted_and_warned_about_above_2_percent() -> None:
+    from slmkit.data import unknown_warning
+
+    ascii_text = "a" * 1000
+    clean = prepare_splits(ascii_text, CharTokenizer(), 0.1, 8)
+    assert clean.unknown_tokens == 0 and unknown_warning(clean) is None
+    two_percent = prepare_splits("ж" * 20 + "a" * 980, CharTokenizer(), 0.1, 8)
+    assert two_percent.unknown_tokens == 20 and unknown_warning(two_percent) is None
+    cyrillic = prepare_splits("привет мир " * 100, CharTokenizer(), 0.1, 8)
+    assert cyrillic.unknown_tokens == 900  # 9 letters of 11 characters, 100 times
+    assert unknown_warning(cyrillic) == (
+        "900 of the corpus's 1,100 tokens (81.8 %) are <UNK>, more than 2 %: the tokenizer "
+        "cannot spell much of this text (the char tokenizer keeps ASCII only); check the "
+        "corpus's encoding and language, or use the bpe tokenizer"
+    )
+
+
 def test_file_corpus_non_utf8_file(tmp_path: Path) -> None:
     path = tmp_path / "latin.txt"
     path.write_bytes(b"\xff\xfeab")
@@ -492,3 +539,30 @@ def test_a_fixed_vocabulary_is_not_trained() -> None:
     prepare_splits(TEXT, tok, 0.1, context_length=16)  # type: ignore[arg-type]
     assert tok.trained == []
     assert tok.encoded == [TEXT[:900], TEXT[900:]]
+
+
+def test_a_run_on_a_mostly_unknown_corpus_warns_and_logs_it(
+    write_experiment, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from slmkit.cli import main
+    from slmkit.runlog import read_events
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "russian.txt").write_text("привет мир, " * 500, encoding="utf-8")
+    path = write_experiment({
+        "data": {"corpus": "file", "path": "russian.txt"},
+        "training": {"max_steps": 1, "eval_every": 1, "checkpoint_every": 1},
+        "sampling": {"every": 0},
+    })  # fmt: skip
+    assert main(["run", str(path), "--runs-dir", "runs"]) == 0
+    out = capsys.readouterr().out
+    message = (
+        "4,500 of the corpus's 6,000 tokens (75.0 %) are <UNK>, more than 2 %: the tokenizer "
+        "cannot spell much of this text (the char tokenizer keeps ASCII only); check the "
+        "corpus's encoding and language, or use the bpe tokenizer"
+    )
+    assert f"warning: {message}\n" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    events = read_events(run_dir / "log.jsonl")
+    assert events[0]["event"] == "run_start" and events[0]["unknown_tokens"] == 4500
+    assert events[1] == {**events[1], "event": "data_warning", "message": message}

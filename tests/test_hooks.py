@@ -752,6 +752,95 @@ def test_enabled_hook_call_wraps_exceptions() -> None:
     assert entry.call("apply", [], 2, False) is None
 
 
+class Mutating:
+    """A forward hook that changes what it observes: ``how`` says in which way."""
+
+    default_points = ("blocks.0.hook_resid_post",)
+    phases = ("train",)
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def observe(self, point: str, activation: torch.Tensor) -> None:
+        if self.how == "add_":
+            activation.add_(1.0)
+        elif self.how == "view":  # through a view: views share the version counter
+            activation.view(-1)[:3] = 0.0
+        elif self.how == "float":  # .float() of a float32 tensor is that very tensor
+            activation.float().mul_(2.0)
+
+    def flush(self, step: int, phase: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize("how", ["add_", "view", "float"])
+def test_a_forward_hook_that_modifies_its_activation_is_refused(how: str) -> None:
+    model = tiny_model().eval()
+    x = tokens()
+    plain, _ = model(x)
+    entry = EnabledHook("forward_hook", "mutate", "sneaky-plugin", Mutating(how))
+    entry.points = ["blocks.0.hook_resid_post"]
+    hooks = ForwardHooks([entry], model.hook_points)
+    hooks.begin("train", 1)
+    with pytest.raises(HookFailure) as caught:
+        model(x)
+    hooks.detach()
+    assert str(caught.value) == (
+        "forward hook 'mutate'.observe (plugin 'sneaky-plugin') failed: ActivationModified: "
+        "it modified the activation at 'blocks.0.hook_resid_post' in place, which would "
+        "change what the model computes; observers must only read (work on "
+        "activation.clone())"
+    )
+    assert caught.value.plugin == "sneaky-plugin"
+    assert torch.equal(model(x)[0], plain)
+
+
+def test_an_observer_under_inference_mode_gets_a_copy() -> None:
+    """Inference tensors have no version counter: the observer gets a copy to change."""
+    model = tiny_model().eval()
+    x = tokens()
+    plain, _ = model(x)
+    entry = EnabledHook("forward_hook", "mutate", "sneaky-plugin", Mutating("add_"))
+    entry.points = ["blocks.0.hook_resid_post"]
+    hooks = ForwardHooks([entry], model.hook_points)
+    hooks.begin("train", 1)
+    with torch.inference_mode():
+        watched, _ = model(x)
+    hooks.detach()
+    assert torch.equal(watched, plain)
+
+
+class MutatingPlugin:
+    @slmkit.hookimpl
+    def register_forward_hooks(self, register):
+        register("mutate", lambda options: Mutating("add_"))
+
+
+def test_a_run_with_a_modifying_forward_hook_stops_naming_it(write_experiment, tmp_path) -> None:
+    manager = PluginManager(entry_points=False).load()
+    manager.add(MutatingPlugin(), "sneaky-plugin")
+    path = write_experiment({
+        "plugins": {"enable": ["sneaky-plugin"]},
+        "training": {"max_steps": 4, "checkpoint_every": 2, "eval_every": 0},
+        "sampling": {"every": 0},
+        "forward_hooks": [{"name": "mutate", "every": 3}],
+    })  # fmt: skip
+    runs = tmp_path / "runs"
+    with pytest.raises(RunError) as caught:
+        train(path, runs, manager)
+    (run_dir,) = runs.iterdir()
+    assert str(caught.value).startswith(
+        "forward hook 'mutate'.observe (plugin 'sneaky-plugin') failed: ActivationModified: "
+        "it modified the activation at 'blocks.0.hook_resid_post' in place"
+    )
+    assert str(caught.value).endswith(
+        f"at step 3; the last checkpoint, {run_dir / 'checkpoints' / 'latest.pt'}, is intact"
+    )
+    log = read_events(run_dir / "log.jsonl")
+    assert log[-1]["event"] == "run_failed" and log[-1]["step"] == 3
+    assert [e["step"] for e in log if e["event"] == "train_step"] == [1, 2]
+
+
 # == 6. a glob matching no hook point ======================================================
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -249,3 +250,65 @@ def test_as_json_shape(manager: PluginManager) -> None:
 def test_component_options_class_is_used(manager: PluginManager) -> None:
     adamw = manager.component("optimizer", "adamw", manager.participants())
     assert attrs.asdict(adamw.build_options())["weight_decay"] == 0.1
+
+
+EXITS_WHILE_REGISTERING = """
+import slmkit
+
+@slmkit.hookimpl
+def register_tokenizers(register):
+    register("exit_tok", lambda options: None)
+    raise SystemExit(3)
+"""
+
+# pluggy lists the plugin's attributes while registering it: this one raises Ctrl-C then
+INTERRUPTS_PLUGGY = """
+def __dir__():
+    raise KeyboardInterrupt
+"""
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Installed plugins raising SystemExit and KeyboardInterrupt while they register."""
+    fake_distribution(tmp_path, "slmkit-exits", "slmkit_exits_xyz", EXITS_WHILE_REGISTERING)
+    fake_distribution(tmp_path, "slmkit-interrupts", "slmkit_interrupts_xyz", INTERRUPTS_PLUGGY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("SLMKIT_LOAD_PLUGINS", raising=False)
+    yield tmp_path
+    for name in ("slmkit_exits_xyz", "slmkit_interrupts_xyz"):
+        sys.modules.pop(name, None)
+
+
+def test_base_exceptions_while_registering_mark_the_plugin_broken(hostile: Path) -> None:
+    pm = PluginManager(default_plugins=("slmkit_builtin.char",), environ={}).load()
+    exits, interrupts = pm.plugins["slmkit-exits"], pm.plugins["slmkit-interrupts"]
+    assert exits.error is not None
+    assert exits.error.startswith("registering components failed: SystemExit: 3 (at ")
+    assert interrupts.error is not None
+    assert interrupts.error.startswith("registration failed: KeyboardInterrupt")
+    # nothing of either is left behind, and the rest works
+    assert pm.pm.get_plugin("slmkit-exits") is None
+    assert pm.pm.get_plugin("slmkit-interrupts") is None
+    assert [c.name for c in pm.registry.components()] == ["char"]
+    assert pm.participants() == ["slmkit_builtin.char"]
+
+
+def test_every_command_works_beside_a_plugin_that_raises_system_exit(
+    hostile: Path, write_experiment, tmp_path: Path, capsys
+) -> None:
+    from slmkit.cli import main
+
+    assert main(["plugins", "--json"]) == 0
+    listed = {p["name"]: p["error"] for p in json.loads(capsys.readouterr().out)}
+    assert listed["slmkit-exits"].startswith("registering components failed: SystemExit: 3")
+    assert listed["slmkit_builtin.char"] is None
+    assert main(["plugins"]) == 0
+    assert "BROKEN: registering components failed: SystemExit: 3" in capsys.readouterr().out
+    path = write_experiment({"training": {"max_steps": 1}, "sampling": {"every": 0}})
+    assert main(["validate", str(path)]) == 0
+    assert "# parameters: " in capsys.readouterr().out
+    assert main(["run", str(path), "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert " at step 1: val_loss " in capsys.readouterr().out
+    assert main(["runs", str(tmp_path / "runs"), "--json"]) == 0
+    assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["finished"]

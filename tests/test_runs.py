@@ -288,6 +288,114 @@ def test_newest_is_decided_by_the_start_time_not_by_the_folder_name(tmp_path: Pa
                      "20261201-100000-tiny-8888", "no-start"]  # fmt: skip
 
 
+#: damage done to a copy of a finished run: what to write where, and the detail expected
+DAMAGE = {
+    "bad-toml": ("experiment.toml", b"[training\nmax_steps = ",
+                 "experiment.toml is not valid TOML: "),
+    "binary-toml": ("experiment.toml", b"\xff\xfe\x00x",
+                    "experiment.toml is not UTF-8 text (bad byte at offset 0)"),
+    "no-toml": ("experiment.toml", None, "experiment.toml is missing"),
+    "toml-folder": ("experiment.toml", "folder", "experiment.toml cannot be read: Is a directory"),
+    "garbage-lines": ("log.jsonl", b"\x00\xff garbage\n[1, 2]\n{\"event\": 5}\n\n",
+                      "log.jsonl: 3 line(s) are not JSON events (line "),
+    "bad-values": ("log.jsonl", b'{"event": "train_step", "step": "two", "train_loss": 1.0}\n'
+                                b'{"event": "eval", "step": 9, "val_loss": "low"}\n',
+                   "log.jsonl: malformed eval, train_step event(s)"),
+}  # fmt: skip
+
+
+def renamed_copy(source: Path, root: Path, name: str) -> Path:
+    """A copy of a run whose log calls it by its folder's name."""
+    run_dir = copy_run(source, root, name)
+    log = run_dir / "log.jsonl"
+    log.write_bytes(log.read_bytes().replace(source.name.encode(), name.encode()))
+    return run_dir
+
+
+def damage(source: Path, root: Path, name: str) -> Path:
+    run_dir = renamed_copy(source, root, name)
+    file, content, _ = DAMAGE[name]
+    target = run_dir / file
+    if file == "log.jsonl":  # garbage after the first event, before the rest
+        lines = target.read_bytes().splitlines(keepends=True)
+        target.write_bytes(lines[0] + content + b"".join(lines[1:]))
+    elif content is None:
+        target.unlink()
+    elif content == "folder":
+        target.unlink()
+        target.mkdir()
+    else:
+        target.write_bytes(content)
+    return run_dir
+
+
+def test_damaged_run_folders_are_shown_as_damaged_and_the_rest_as_usual(
+    sweep_runs, tmp_path: Path
+) -> None:
+    healthy = folders(sweep_runs["runs_dir"])[0]
+    renamed_copy(healthy, tmp_path, "good")
+    torn = renamed_copy(healthy, tmp_path, "torn")  # a killed run's torn last line is no damage
+    with (torn / "log.jsonl").open("ab") as log:
+        log.write(b'{"event": "train_st')
+    for name in DAMAGE:
+        damage(healthy, tmp_path, name)
+    expected = read_run(healthy)
+
+    code, out, err = run_main("runs", str(tmp_path), "--json")
+    assert (code, err) == (0, "")
+    records = {r["run_id"]: r for r in json.loads(out)}
+    assert set(records) == {*DAMAGE, "good", "torn"}
+    for name, (_, _, detail) in DAMAGE.items():
+        assert records[name]["status"] == "damaged", name
+        assert records[name]["status_detail"].startswith(detail), name
+    for name in ("good", "torn"):
+        assert records[name]["status"] == "finished"
+        assert records[name]["last_val_loss"] == expected.last_val_loss
+    # what could be read is still shown: the losses of a run whose experiment.toml is bad
+    assert records["bad-toml"]["last_val_loss"] == expected.last_val_loss
+    assert records["garbage-lines"]["steps"] == expected.steps
+
+    code, out, err = run_main("runs", str(tmp_path))
+    assert (code, err) == (0, "")
+    status = {line.split()[0]: line.split()[2] for line in out.splitlines()[1:]}
+    assert status == {**dict.fromkeys(DAMAGE, "damaged"), "good": "finished", "torn": "finished"}
+
+    names = ["good", "bad-toml", "garbage-lines", "no-toml"]
+    code, out, err = run_main("compare", *(str(tmp_path / n) for n in names),
+                              "--png", str(tmp_path / "curves.png"))  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("config differences (0 keys):\n(the experiments are identical)")
+    metrics = {line.split()[0]: line.split()[1] for line in out.splitlines()
+               if line.split() and line.split()[0] in names}  # fmt: skip
+    assert metrics == {"good": "finished", "bad-toml": "damaged",
+                       "garbage-lines": "damaged", "no-toml": "damaged"}  # fmt: skip
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_run_folder_of_wrong_types_everywhere_is_damaged_not_a_crash(tmp_path: Path) -> None:
+    run = tmp_path / "odd"
+    run.mkdir()
+    (run / "experiment.toml").write_text("training = 5\nexperiment = [1]\n", encoding="utf-8")
+    rewrite_log(run, [
+        {"event": "run_start", "run_id": 7, "max_steps": "many", "timestamp": 3, "sweep": [1],
+         "config_hash": 5, "git_commit": [], "pid": "me", "resumed_from_step": "x"},
+        {"event": "train_step", "step": 1, "train_loss": None, "tokens_per_s": "fast"},
+        {"event": "eval", "step": 1, "val_loss": 2.0, "val_bpc": "?"},
+        {"event": "run_end", "summary": [1]},
+    ])  # fmt: skip
+    record = read_run(run)
+    assert (record.run_id, record.status, record.steps, record.max_steps) == (
+        "odd",
+        "finished",
+        1,
+        None,
+    )
+    assert (record.last_val_loss, record.last_val_bpc, record.tokens_per_s) == (2.0, None, None)
+    code, out, err = run_main("runs", str(tmp_path))
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1].split()[:4] == ["odd", "?", "finished", "1"]
+
+
 def test_a_resumed_run_keeps_the_resumed_values_of_retrained_steps(tmp_path: Path) -> None:
     run = tmp_path / "resumed"
     run.mkdir()

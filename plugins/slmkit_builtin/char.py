@@ -113,6 +113,8 @@ class CharTokenizer:
     """The char tokenizer (see the module docstring for the policy)."""
 
     pad_id: int | None = PAD_ID
+    #: what characters outside the policy encode to (counted by the kernel, which warns)
+    unk_id: int | None = UNK_ID
     #: the vocabulary is fixed: the data pipeline need not copy out a training text
     needs_training = False
 

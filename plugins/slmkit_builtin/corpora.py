@@ -15,8 +15,6 @@ import attrs
 
 import slmkit
 
-_BINARY_SNIFF = 8192
-
 
 @attrs.define(frozen=True)
 class FileOptions:
@@ -28,10 +26,13 @@ class FileOptions:
 
 
 def read_text_file(path: Path) -> str:
-    """Read one UTF-8 text file; binary or undecodable files are refused."""
+    """Read one UTF-8 text file; binary (a NUL byte anywhere) or undecodable files are refused."""
     raw = path.read_bytes()
-    if b"\x00" in raw[:_BINARY_SNIFF]:
-        raise slmkit.OptionValueError("path", f"{str(path)!r} looks binary (it contains NUL bytes)")
+    nul = raw.find(b"\x00")  # memchr over the whole file: about 10 ms per 100 MB
+    if nul >= 0:
+        raise slmkit.OptionValueError(
+            "path", f"{str(path)!r} looks binary (it contains NUL bytes, the first at byte {nul})"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

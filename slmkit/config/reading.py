@@ -32,6 +32,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """
     key, sep, raw = text.partition("=")
     key = key.strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 on the command line
+        raise ConfigError(
+            "--set", key or None, f"{text!r} is not valid UTF-8 text (check the terminal)"
+        ) from None
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(
             "--set", text, "expected KEY=VALUE with a dotted key, e.g. model.n_layers=6"

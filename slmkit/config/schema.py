@@ -20,13 +20,22 @@ from slmkit.config.structure import unstructure_section
 from slmkit.options import OptionValueError, in_range, non_negative, one_of, positive
 from slmkit.registry import Component
 
+#: seeds are integers in [0, SEED_LIMIT)
+SEED_LIMIT = 2**63
+
+
+def _below_seed_limit(_instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value >= SEED_LIMIT:
+        raise OptionValueError(attribute.name, f"must be < 2**63, got {value!r}")
+
 
 @attrs.define(frozen=True)
 class ExperimentSection:
     """``[experiment]``: name, seed and where run folders go."""
 
     name: str = "experiment"
-    seed: int = attrs.field(default=1337, validator=non_negative)
+    #: below 2**63: what every RNG a run seeds (torch's takes 64 bits) accepts
+    seed: int = attrs.field(default=1337, validator=[non_negative, _below_seed_limit])
     runs_dir: str = "runs"
 
 
