@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from slmkit import checkpoint
-from slmkit.components import ModelDims, Schedule, Tokenizer
+from slmkit.components import Corpus, ModelDims, Schedule, Tokenizer
 from slmkit.config.resolve import experiment_from_dict
 from slmkit.config.schema import Experiment
 from slmkit.data import (
@@ -27,6 +27,7 @@ from slmkit.data import (
     validation_batches,
 )
 from slmkit.errors import CheckpointError, ConfigError, DataError
+from slmkit.floor import Floor, floor_metrics, has_floor
 from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
 from slmkit.options import OptionValueError
@@ -107,6 +108,12 @@ class Data:
     val_batches: list[tuple[torch.Tensor, torch.Tensor]]
     #: this rank's part of each validation batch
     val_share: list[tuple[torch.Tensor, torch.Tensor]]
+    #: the best loss any model can reach on the validation windows (corpora that know it)
+    floor: Floor | None = None
+
+    def floor_metrics(self, val_loss: float) -> dict[str, float]:
+        """``val_floor`` and ``val_excess`` (nats per character); nothing without a floor."""
+        return floor_metrics(self.floor, val_loss, self.splits.chars_per_token)
 
     def describe(self, corpus: str) -> dict[str, Any]:
         """What the run log records about the data (``corpus`` names the component)."""
@@ -120,8 +127,14 @@ class Data:
 
 def read_experiment_corpus(exp: Experiment) -> str:
     """The corpus text; corpus problems become errors naming the file and the data key."""
+    return experiment_corpus(exp)[1]
+
+
+def experiment_corpus(exp: Experiment) -> tuple[Corpus, str]:
+    """The corpus component and its text; problems name the file and the data key."""
     try:
-        return read_corpus(construct(exp, exp.data, "data"))
+        corpus = construct(exp, exp.data, "data")
+        return corpus, read_corpus(corpus)
     except OptionValueError as exc:  # raised while reading, by texts()
         raise ConfigError(exp.source, f"data.{exc.key}", exc.message) from None
     except DataError as exc:
@@ -137,13 +150,16 @@ def build_data(
     train_tokenizer: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    floor: Floor | None = None,
 ) -> Data:
     """Read the corpus, split it, train the tokenizer (unless told not to), batch it.
 
     A batch holds ``batch_size`` windows per rank, so the global batch (and the validation
-    set) depends on ``world_size``; rank ``rank`` trains on its own slice of each.
+    set) depends on ``world_size``; rank ``rank`` trains on its own slice of each. The
+    corpus's floor is computed here (once per run) unless ``floor`` (the run folder's
+    cached one, on resume) is given.
     """
-    text = read_experiment_corpus(exp)
+    corpus, text = experiment_corpus(exp)
     t, context = exp.training, exp.model.context_length
     try:
         splits = prepare_splits(
@@ -156,7 +172,29 @@ def build_data(
     )
     val_batches = validation_batches(splits.val, context, t.batch_size * world_size, t.eval_batches)
     _check_ranks_fit(exp, stream.n_windows, len(splits.val) // (context + 1), world_size)
-    return Data(splits, stream, val_batches, rank_share(val_batches, rank, world_size))
+    if floor is None:
+        n_windows = sum(len(x) for x, _ in val_batches)
+        floor = corpus_floor(exp, corpus, text[splits.val_start :], n_windows)
+    return Data(splits, stream, val_batches, rank_share(val_batches, rank, world_size), floor)
+
+
+def corpus_floor(exp: Experiment, corpus: Corpus, val_text: str, n_windows: int) -> Floor | None:
+    """The corpus's floor over the validation windows; None for a corpus without one.
+
+    ``data.require_floor = true`` makes a corpus without a floor an error.
+    """
+    if not has_floor(corpus):
+        if exp.data.require_floor:
+            raise ConfigError(
+                exp.source, "data.require_floor",
+                f"the {exp.data.corpus!r} corpus has no floor (its source is unknown); "
+                "use a synthetic corpus (markov, hmm, induction, regular) or remove the key",
+            )  # fmt: skip
+        return None
+    try:
+        return corpus.floor(val_text, exp.model.context_length, n_windows)  # type: ignore[attr-defined]
+    except DataError as exc:
+        raise ConfigError(exp.source, "data", f"cannot compute the floor: {exc}") from None
 
 
 def _check_ranks_fit(exp: Experiment, n_train: int, n_val: int, ranks: int) -> None:

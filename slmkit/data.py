@@ -29,6 +29,8 @@ class Splits:
     val: torch.Tensor
     n_chars: int
     corpus_sha256: str
+    #: where the validation text starts in the corpus text (characters)
+    val_start: int = 0
 
     @property
     def chars_per_token(self) -> float:
@@ -102,7 +104,7 @@ def prepare_splits(
                 "model.context_length or another data.val_fraction"
             )
     digest = text_sha256(text)
-    return Splits(train=train, val=val, n_chars=len(text), corpus_sha256=digest)
+    return Splits(train, val, n_chars=len(text), corpus_sha256=digest, val_start=cut)
 
 
 def text_sha256(text: str, chunk: int = 1 << 18) -> str:

@@ -79,6 +79,18 @@ class RunRecord:
     train_curve: Curve
     val_curve: Curve
     last_sample: str | None
+    #: the corpus's floor and the latest excess over it, nats per character (docs/floors.md);
+    #: None for a corpus without a floor
+    val_floor: float | None = None
+    last_val_excess: float | None = None
+
+    @property
+    def floor_per_token(self) -> float | None:
+        """The floor in the validation loss's unit (nats per token), for drawing it."""
+        if self.val_floor is None or self.last_val_excess is None or not self.last_val_loss:
+            return None
+        per_char = self.last_val_excess + self.val_floor
+        return self.val_floor * self.last_val_loss / per_char if per_char > 0 else None
 
     @property
     def tokens_seen(self) -> int | None:
@@ -105,6 +117,8 @@ class RunRecord:
             "last_val_bpc": self.last_val_bpc,
             "best_val_loss": self.best_val_loss,
             "best_val_bpc": self.best_val_bpc,
+            "val_floor": self.val_floor,
+            "last_val_excess": self.last_val_excess,
             "tokens_per_s": self.tokens_per_s,
             "config_hash": self.config_hash,
             "git_commit": self.git_commit,
@@ -152,6 +166,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
 
     train: dict[int, float] = {}
     val: dict[int, tuple[float, float | None]] = {}
+    excess: dict[int, float] = {}
+    floor: float | None = None
     steps = 0
     train_tokens_per_s: float | None = None
     sample: str | None = None
@@ -162,6 +178,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
         if resumed is not None:  # steps past the checkpoint were trained again
             train = {s: v for s, v in train.items() if s <= resumed}
             val = {s: v for s, v in val.items() if s <= resumed}
+            excess = {s: v for s, v in excess.items() if s <= resumed}
             steps = min(steps, int(resumed))
         if isinstance(step, int):
             steps = max(steps, step)
@@ -170,6 +187,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
             train_tokens_per_s = event.get("tokens_per_s")
         elif name == "eval" and step is not None:
             val[step] = (_loss(event.get("val_loss")), event.get("val_bpc"))
+            if event.get("val_floor") is not None:
+                floor, excess[step] = event["val_floor"], _loss(event.get("val_excess"))
         elif name == "sample":
             sample = event.get("sample_text")
 
@@ -220,6 +239,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
         train_curve=Curve.from_points(train),
         val_curve=Curve.from_points({s: v[0] for s, v in val.items()}),
         last_sample=sample,
+        val_floor=floor,
+        last_val_excess=excess[max(excess)] if excess else None,
     )
 
 
@@ -303,6 +324,8 @@ def columns(r: RunRecord) -> dict[str, str]:
         "VAL_LOSS": format_loss(r.last_val_loss),
         "BEST_VAL": format_loss(r.best_val_loss),
         "BPC": format_loss(r.last_val_bpc),
+        "FLOOR": format_loss(r.val_floor),
+        "EXCESS": "-" if r.last_val_excess is None else f"{r.last_val_excess:+.4f}",
         "TOK/S": "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
         "CONFIG": (r.config_hash or "-")[:12],
         "COMMIT": format_commit(r),
@@ -327,9 +350,17 @@ def table_rows(
     return rows
 
 
+def with_floor_columns(records: Sequence[RunRecord], headers: Sequence[str]) -> list[str]:
+    """``headers`` with FLOOR and EXCESS after BPC when any run's corpus has a floor."""
+    if all(r.val_floor is None for r in records):
+        return list(headers)
+    at = headers.index("BPC") + 1
+    return [*headers[:at], "FLOOR", "EXCESS", *headers[at:]]
+
+
 def runs_table(records: Sequence[RunRecord], extra_keys: Sequence[str] = ()) -> str:
     """The ``slmkit runs`` table; ``extra_keys`` adds a column per dotted experiment key."""
-    return format_table(table_rows(records, RUNS_COLUMNS, extra_keys))
+    return format_table(table_rows(records, with_floor_columns(records, RUNS_COLUMNS), extra_keys))
 
 
 #: what :func:`lookup` returns for a key the experiment lacks
