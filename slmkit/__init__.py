@@ -23,6 +23,7 @@ from slmkit.errors import (
     RunError,
     SlmkitError,
 )
+from slmkit.floor import Floor
 from slmkit.hookspecs import hookimpl
 from slmkit.options import (
     NoOptions,
@@ -119,6 +120,7 @@ __all__ = [
     "CorpusFactory",
     "DataError",
     "Dropout",
+    "Floor",
     "ForwardHook",
     "ForwardHookFactory",
     "HookPoint",

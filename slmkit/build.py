@@ -16,7 +16,7 @@ import attrs
 import torch
 
 from slmkit import checkpoint
-from slmkit.components import ModelDims, Schedule, Tokenizer
+from slmkit.components import Corpus, ModelDims, Schedule, Tokenizer
 from slmkit.config.resolve import experiment_from_dict
 from slmkit.config.schema import Experiment
 from slmkit.data import (
@@ -29,6 +29,7 @@ from slmkit.data import (
     validation_batches,
 )
 from slmkit.errors import CheckpointError, ConfigError, DataError
+from slmkit.floor import Floor, floor_metrics, has_floor
 from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
 from slmkit.options import OptionValueError
@@ -110,6 +111,12 @@ class Data:
     val_batches: list[tuple[torch.Tensor, torch.Tensor]]
     #: this rank's part of each validation batch
     val_share: list[tuple[torch.Tensor, torch.Tensor]]
+    #: the best loss any model can reach on the validation windows (corpora that know it)
+    floor: Floor | None = None
+
+    def floor_metrics(self, val_loss: float) -> dict[str, float]:
+        """``val_floor`` and ``val_excess`` (nats per character); nothing without a floor."""
+        return floor_metrics(self.floor, val_loss, self.splits.chars_per_token)
 
     def describe(self, corpus: str) -> dict[str, Any]:
         """What the run log records about the data (``corpus`` names the component)."""
@@ -128,8 +135,14 @@ class Data:
 
 def read_experiment_corpus(exp: Experiment) -> str:
     """The corpus text; corpus problems become errors naming the file and the data key."""
+    return experiment_corpus(exp)[1]
+
+
+def experiment_corpus(exp: Experiment) -> tuple[Corpus, str]:
+    """The corpus component and its text; problems name the file and the data key."""
     try:
-        return read_corpus(construct(exp, exp.data, "data"))
+        corpus = construct(exp, exp.data, "data")
+        return corpus, read_corpus(corpus)
     except OptionValueError as exc:  # raised while reading, by texts()
         raise ConfigError(exp.source, f"data.{exc.key}", exc.message) from None
     except DataError as exc:
@@ -145,13 +158,16 @@ def build_data(
     train_tokenizer: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    floor: Floor | None = None,
 ) -> Data:
     """Read the corpus, split it, train the tokenizer (unless told not to), batch it.
 
     A batch holds ``batch_size`` windows per rank, so the global batch (and the validation
-    set) depends on ``world_size``; rank ``rank`` trains on its own slice of each.
+    set) depends on ``world_size``; rank ``rank`` trains on its own slice of each. The
+    corpus's floor is computed here (once per run) unless ``floor`` (the run folder's
+    cached one, on resume) is given.
     """
-    text = read_experiment_corpus(exp)
+    corpus, text = experiment_corpus(exp)
     t, context = exp.training, exp.model.context_length
     try:
         splits = prepare_splits(
@@ -164,7 +180,29 @@ def build_data(
     )
     val_batches = validation_batches(splits.val, context, t.batch_size * world_size, t.eval_batches)
     _check_ranks_fit(exp, stream.n_windows, len(splits.val) // (context + 1), world_size)
-    return Data(splits, stream, val_batches, rank_share(val_batches, rank, world_size))
+    if floor is None:
+        n_windows = sum(len(x) for x, _ in val_batches)
+        floor = corpus_floor(exp, corpus, text[splits.val_start :], n_windows)
+    return Data(splits, stream, val_batches, rank_share(val_batches, rank, world_size), floor)
+
+
+def corpus_floor(exp: Experiment, corpus: Corpus, val_text: str, n_windows: int) -> Floor | None:
+    """The corpus's floor over the validation windows; None for a corpus without one.
+
+    ``data.require_floor = true`` makes a corpus without a floor an error.
+    """
+    if not has_floor(corpus):
+        if exp.data.require_floor:
+            raise ConfigError(
+                exp.source, "data.require_floor",
+                f"the {exp.data.corpus!r} corpus has no floor (its source is unknown); "
+                "use a synthetic corpus (markov, hmm, induction, regular) or remove the key",
+            )  # fmt: skip
+        return None
+    try:
+        return corpus.floor(val_text, exp.model.context_length, n_windows)  # type: ignore[attr-defined]
+    except DataError as exc:
+        raise ConfigError(exp.source, "data", f"cannot compute the floor: {exc}") from None
 
 
 def _check_ranks_fit(exp: Experiment, n_train: int, n_val: int, ranks: int) -> None:
@@ -249,13 +287,15 @@ def build_parts(
     device: torch.device,
     *,
     tokenizer_state: dict[str, Any] | None = None,
+    floor: Floor | None = None,
     rank: int = 0,
     world_size: int = 1,
     meta: bool = False,
 ) -> Parts:
     """Every part a run of ``exp`` on ``device`` needs; every check of the input happens here.
 
-    ``tokenizer_state`` restores a saved tokenizer instead of training one (resume).
+    ``tokenizer_state`` restores a saved tokenizer instead of training one (resume), and
+    ``floor`` is the corpus's floor the run folder keeps (resume: not computed again).
     ``meta`` builds the model on the meta device (sizes, no weights): what ``slmkit
     validate`` does, so that it refuses exactly what a run would refuse before training.
     """
@@ -263,7 +303,12 @@ def build_parts(
     if tokenizer_state is not None:
         tokenizer.load_state_dict(tokenizer_state)
     data = build_data(
-        exp, tokenizer, train_tokenizer=tokenizer_state is None, rank=rank, world_size=world_size
+        exp,
+        tokenizer,
+        train_tokenizer=tokenizer_state is None,
+        rank=rank,
+        world_size=world_size,
+        floor=floor,
     )
     # Every rank seeds alike, so the models start identical and the RNG streams stay in
     # step: an update hook that draws noise (grad_noise) draws the same on every rank.

@@ -62,7 +62,8 @@ def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
     from slmkit.distributed import World
     from slmkit.errors import ConfigError, RunError
     from slmkit.progress import Console
-    from slmkit.runs import list_runs, runs_table
+    from slmkit.runs import list_runs
+    from slmkit.runs_table import runs_table
     from slmkit.sweep import grid, new_sweep_id, parse_sweeps
     from slmkit.train import Trainer
 
@@ -214,7 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """List run folders, newest first: status, steps, losses, speed, provenance."""
-    from slmkit.runs import list_runs, runs_table
+    from slmkit.runs import list_runs
+    from slmkit.runs_table import runs_table
 
     records = list_runs(args.dir, sweep=args.sweep)
     if args.json:

@@ -19,7 +19,8 @@ from slmkit.config.diff import changed_keys
 from slmkit.errors import SlmkitError
 from slmkit.run_segments import ENVIRONMENT_KEYS
 from slmkit.rundir import write_atomic
-from slmkit.runs import RunRecord, format_value, lookup, table_rows
+from slmkit.runs import RunRecord, lookup
+from slmkit.runs_table import format_value, table_rows, with_floor_columns
 from slmkit.table import format_table
 
 if TYPE_CHECKING:  # matplotlib is an optional extra, imported when a picture is drawn
@@ -97,7 +98,7 @@ METRIC_COLUMNS = ("RUN_ID", "STATUS", "STEPS", "TOKENS", "TRAIN_LOSS", "VAL_LOSS
 
 def metric_rows(records: Sequence[RunRecord]) -> list[list[str]]:
     """One row per run: status, steps, tokens seen, losses, speed, provenance."""
-    return table_rows(records, METRIC_COLUMNS)
+    return table_rows(records, with_floor_columns(records, METRIC_COLUMNS))
 
 
 def comparison_text(records: Sequence[RunRecord]) -> str:
@@ -203,7 +204,10 @@ def loss_curves_figure(records: Sequence[RunRecord]) -> Figure:
                       color=color, linewidth=1, alpha=0.8)  # fmt: skip
             axes.plot([s * scale for s in r.val_curve.steps], r.val_curve.values,
                       color=color, linestyle="--", marker="o", markersize=3)  # fmt: skip
-        by_step.lines[-2].set_label(label)  # one legend entry per run
+            if r.floor_per_token is not None:  # the best loss any model can reach
+                axes.axhline(r.floor_per_token, color=color, linestyle=":", linewidth=1.5)
+        train_line = by_step.lines[-3 if r.floor_per_token is not None else -2]
+        train_line.set_label(label)  # one legend entry per run
     by_step.set_xlabel("step")
     by_tokens.set_xlabel("training tokens seen")
     by_step.set_ylabel("loss (nats/token)")
@@ -212,7 +216,9 @@ def loss_curves_figure(records: Sequence[RunRecord]) -> Figure:
     # Below the plots, so it never hides a curve however many runs there are.
     figure.legend(loc="outside lower center", ncols=legend_columns(len(records)),
                   fontsize="small")  # fmt: skip
-    figure.suptitle("training (solid) and validation (dashed) loss")
+    floors = any(r.floor_per_token is not None for r in records)
+    figure.suptitle("training (solid) and validation (dashed) loss"
+                    + (", the corpus's floor (dotted)" if floors else ""))  # fmt: skip
     return figure
 
 

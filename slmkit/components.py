@@ -194,6 +194,14 @@ class Corpus(Protocol):
         """The corpus as one or more texts, in a fixed order."""
 
 
+# Optional: a corpus whose source is known may also define
+#   floor(val_text: str, context_length: int, n_windows: int) -> slmkit.Floor
+# the best loss any model can reach on the first ``n_windows`` windows of
+# ``context_length + 1`` characters of the validation text (each target predicted from the
+# window's own earlier characters only). The kernel calls it once per run when present and
+# logs val_floor and val_excess with every evaluation (see slmkit/floor.py).
+
+
 class Schedule(Protocol):
     """A learning-rate schedule: multiplier of the base learning rate at a step."""
 

@@ -31,6 +31,8 @@ class Splits:
     corpus_sha256: str
     #: tokens of both splits that are the tokenizer's ``unk_id`` (0 if it has none)
     unknown_tokens: int = 0
+    #: where the validation text starts in the corpus text (characters)
+    val_start: int = 0
 
     @property
     def chars_per_token(self) -> float:
@@ -117,7 +119,9 @@ def prepare_splits(
     digest = text_sha256(text)
     unk = getattr(tokenizer, "unk_id", None)
     unknown = 0 if unk is None else int((train == unk).sum()) + int((val == unk).sum())
-    return Splits(train, val, n_chars=len(text), corpus_sha256=digest, unknown_tokens=unknown)
+    return Splits(
+        train, val, n_chars=len(text), corpus_sha256=digest, unknown_tokens=unknown, val_start=cut
+    )
 
 
 def unknown_warning(splits: Splits) -> str | None:

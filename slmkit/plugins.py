@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "slmkit_builtin.gpt",
     "slmkit_builtin.adamw",
     "slmkit_builtin.corpora",
+    "slmkit_builtin.synthetic",
     "slmkit_builtin.constant",
     "slmkit_builtin.schedules",
     "slmkit_builtin.forward_hooks",

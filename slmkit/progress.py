@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # the console is also used by commands that never import torch
@@ -16,6 +17,16 @@ if TYPE_CHECKING:  # the console is also used by commands that never import torc
     from slmkit.distributed import World
     from slmkit.run import Run
     from slmkit.threads import ThreadCheck
+
+
+def eval_line(metrics: dict[str, float]) -> str:
+    """What an evaluation shows: the validation loss, bits/char, the excess over the floor."""
+    line = f"val_loss {metrics['val_loss']:.4f} ({metrics['val_bpc']:.3f} bits/char)"
+    if "val_excess" in metrics:
+        line += (
+            f", {metrics['val_excess']:+.4f} nats/char above the floor {metrics['val_floor']:.4f}"
+        )
+    return line
 
 
 def format_duration(seconds: float) -> str:
@@ -71,11 +82,15 @@ class Console:
         tokens_per_s: float,
         eta_s: float,
         val_loss: float | None = None,
+        val_excess: float | None = None,
     ) -> None:
-        """Show step/max, loss, the last validation loss, tokens/s and the ETA."""
+        """Show step/max, loss, the last validation loss (and its excess over the floor),
+        tokens/s and the ETA."""
         if self.quiet:
             return
         val = f" | val {val_loss:.4f}" if val_loss is not None else ""
+        if val_excess is not None:
+            val += f" (excess {val_excess:+.4f} nats/char)"
         line = (
             f"step {step}/{max_steps} | loss {loss:.4f}{val} | {tokens_per_s:,.0f} tok/s"
             f" | ETA {format_duration(eta_s)}"
@@ -111,8 +126,11 @@ class StepMeter:
         step: int,
         max_steps: int,
         thread_check: ThreadCheck | None = None,
+        floor_metrics: Callable[[float], dict[str, float]] | None = None,
     ) -> None:
         self.console, self.world, self.thread_check = console, world, thread_check
+        #: val_loss -> val_floor and val_excess (empty for a corpus without a floor)
+        self.floor_metrics = floor_metrics or (lambda _loss: {})
         self.tokens_per_step, self.max_steps = tokens_per_step, max_steps
         self.start_step = step
         self.started = self._window_start = time.perf_counter()
@@ -153,7 +171,10 @@ class StepMeter:
             )
         per_step = (now - self.started) / (step - self.start_step)
         eta = per_step * (self.max_steps - step)
-        self.console.progress(step, self.max_steps, self.last_loss, tokens_per_s, eta, val_loss)
+        excess = None if val_loss is None else self.floor_metrics(val_loss).get("val_excess")
+        self.console.progress(
+            step, self.max_steps, self.last_loss, tokens_per_s, eta, val_loss, excess
+        )
         return metrics
 
     def totals(self, step: int) -> dict[str, Any]:

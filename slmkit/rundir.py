@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from slmkit.errors import RunError
+from slmkit.floor import FLOOR_FILE, Floor
 
 
 @contextlib.contextmanager
@@ -143,8 +144,11 @@ def is_run_folder(folder: Path) -> bool:
     )
 
 
-def write_run_files(run_dir: Path, experiment_toml: str, tokenizer: dict[str, Any]) -> list[Path]:
-    """What a run folder holds from its start: the experiment, the tokenizer, checkpoints/.
+def write_run_files(
+    run_dir: Path, experiment_toml: str, tokenizer: dict[str, Any], floor: Floor | None = None
+) -> list[Path]:
+    """What a run folder holds from its start: the experiment, the tokenizer, checkpoints/,
+    and ``floor.json`` when the corpus has a floor (a resume rewrites the same values).
 
     Removes orphaned temporary files first (returns them). A folder that cannot be written
     (read-only, no space) is a one-line :class:`RunError`; nothing in it is lost.
@@ -154,6 +158,8 @@ def write_run_files(run_dir: Path, experiment_toml: str, tokenizer: dict[str, An
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         write_atomic(run_dir / "experiment.toml", experiment_toml)
         write_atomic(run_dir / "tokenizer.json", json.dumps(tokenizer, indent=1) + "\n")
+        if floor is not None:
+            write_atomic(run_dir / FLOOR_FILE, json.dumps(floor.as_json(), indent=1) + "\n")
     except OSError as exc:
         raise RunError(f"cannot write to the run folder {run_dir}: {exc.strerror or exc}") from None
     return removed

@@ -29,7 +29,6 @@ from slmkit.run_segments import (
     whole_run_tokens_per_s,
 )
 from slmkit.runfiles import as_int, as_number, as_table, as_text, read_experiment, read_log
-from slmkit.table import format_table
 
 #: what a run's ``status`` can be
 STATUSES = ("running", "finished", "stopped", "failed", "damaged")
@@ -78,6 +77,18 @@ class RunRecord:
     train_curve: Curve
     val_curve: Curve
     last_sample: str | None
+    #: the corpus's floor and the latest excess over it, nats per character (docs/floors.md);
+    #: None for a corpus without a floor
+    val_floor: float | None = None
+    last_val_excess: float | None = None
+
+    @property
+    def floor_per_token(self) -> float | None:
+        """The floor in the validation loss's unit (nats per token), for drawing it."""
+        if self.val_floor is None or self.last_val_excess is None or not self.last_val_loss:
+            return None
+        per_char = self.last_val_excess + self.val_floor
+        return self.val_floor * self.last_val_loss / per_char if per_char > 0 else None
 
     @property
     def tokens_seen(self) -> int | None:
@@ -104,6 +115,8 @@ class RunRecord:
             "last_val_bpc": self.last_val_bpc,
             "best_val_loss": self.best_val_loss,
             "best_val_bpc": self.best_val_bpc,
+            "val_floor": self.val_floor,
+            "last_val_excess": self.last_val_excess,
             "tokens_per_s": self.tokens_per_s,
             "config_hash": self.config_hash,
             "git_commit": self.git_commit,
@@ -169,6 +182,8 @@ def _record(
     """The record of a run from its experiment and events; wrong types become problems."""
     train: dict[int, float] = {}
     val: dict[int, tuple[float, float | None]] = {}
+    excess: dict[int, float] = {}
+    floor: float | None = None
     steps = 0
     train_tokens_per_s: float | None = None
     sample: str | None = None
@@ -180,6 +195,7 @@ def _record(
         if resumed is not None:  # steps past the checkpoint were trained again
             train = {s: v for s, v in train.items() if s <= resumed}
             val = {s: v for s, v in val.items() if s <= resumed}
+            excess = {s: v for s, v in excess.items() if s <= resumed}
             steps = min(steps, resumed)
         if step is not None:
             steps = max(steps, step)
@@ -193,6 +209,9 @@ def _record(
                 train_tokens_per_s = as_number(event.get("tokens_per_s"))
             else:
                 val[step] = (_loss(loss), as_number(event.get("val_bpc")))
+                if as_number(event.get("val_floor")) is not None:
+                    floor = as_number(event.get("val_floor"))
+                    excess[step] = _loss(as_number(event.get("val_excess")))
         elif name == "sample":
             sample = as_text(event.get("sample_text"))
     if malformed:
@@ -250,6 +269,8 @@ def _record(
         train_curve=Curve.from_points(train),
         val_curve=Curve.from_points({s: v[0] for s, v in val.items()}),
         last_sample=sample,
+        val_floor=floor,
+        last_val_excess=excess[max(excess)] if excess else None,
     )
 
 
@@ -303,69 +324,6 @@ def resolve_run(name: str, runs_dir: str | Path) -> Path:
 # -- formatting --------------------------------------------------------------------------
 
 
-def format_loss(value: float | None) -> str:
-    """A loss to 4 decimals; ``-`` when there is none."""
-    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-def format_started(timestamp: str | None) -> str:
-    """An ISO-8601 UTC timestamp as ``YYYY-MM-DD HH:MM``."""
-    if not timestamp:
-        return "-"
-    try:
-        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M")
-    except ValueError:
-        return timestamp
-
-
-def format_commit(record: RunRecord) -> str:
-    """The short commit, with ``+`` when the tree had local changes."""
-    if not record.git_commit:
-        return "-"
-    return record.git_commit[:8] + ("+" if record.git_dirty else "")
-
-
-def columns(r: RunRecord) -> dict[str, str]:
-    """Every column a table of runs can show, formatted, by header."""
-    return {
-        "RUN_ID": r.run_id,
-        "EXPERIMENT": r.experiment_name,
-        "STATUS": r.status,
-        "STEPS": f"{r.steps}/{r.max_steps}" if r.max_steps else str(r.steps),
-        "TOKENS": "-" if r.tokens_seen is None else f"{r.tokens_seen:,}",
-        "TRAIN_LOSS": format_loss(r.train_loss),
-        "VAL_LOSS": format_loss(r.last_val_loss),
-        "BEST_VAL": format_loss(r.best_val_loss),
-        "BPC": format_loss(r.last_val_bpc),
-        "TOK/S": "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
-        "CONFIG": (r.config_hash or "-")[:12],
-        "COMMIT": format_commit(r),
-        "STARTED (UTC)": format_started(r.started),
-    }
-
-
-#: the columns of ``slmkit runs``
-RUNS_COLUMNS = ("RUN_ID", "EXPERIMENT", "STATUS", "STEPS", "VAL_LOSS", "BEST_VAL", "BPC",
-                "TOK/S", "CONFIG", "COMMIT", "STARTED (UTC)")  # fmt: skip
-
-
-def table_rows(
-    records: Sequence[RunRecord], headers: Sequence[str], extra_keys: Sequence[str] = ()
-) -> list[list[str]]:
-    """A header row, then a row per run: the named columns and the dotted keys' values."""
-    rows = [[*headers, *extra_keys]]
-    for r in records:
-        cells = columns(r)
-        rows.append([*(cells[h] for h in headers),
-                     *(format_value(lookup(r.experiment, key)) for key in extra_keys)])  # fmt: skip
-    return rows
-
-
-def runs_table(records: Sequence[RunRecord], extra_keys: Sequence[str] = ()) -> str:
-    """The ``slmkit runs`` table; ``extra_keys`` adds a column per dotted experiment key."""
-    return format_table(table_rows(records, RUNS_COLUMNS, extra_keys))
-
-
 #: what :func:`lookup` returns for a key the experiment lacks
 MISSING: Any = object()
 
@@ -381,18 +339,3 @@ def lookup(experiment: dict[str, Any], dotted: str, default: Any = MISSING) -> A
         else:
             return default
     return node
-
-
-def format_value(value: Any) -> str:
-    """A config value as it would read in TOML; ``(absent)`` for a key a run lacks."""
-    if value is MISSING:
-        return "(absent)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {format_value(v)}" for k, v in value.items()) + "}"
-    return str(value)

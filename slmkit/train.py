@@ -26,8 +26,9 @@ from slmkit.config.schema import Experiment
 from slmkit.distributed import World
 from slmkit.errors import HookFailure, RunError, SlmkitError, first_line
 from slmkit.evaluate import Evaluator, bits_per_char, log_sample
+from slmkit.floor import read_floor
 from slmkit.plugins import PluginManager, RunEvents
-from slmkit.progress import Console, StepMeter
+from slmkit.progress import Console, StepMeter, eval_line
 from slmkit.run import Run
 from slmkit.rundir import create_run_dir, write_run_files
 from slmkit.runlog import NullLog, RunLog, environment, git_state
@@ -83,9 +84,11 @@ class Trainer:
         self.init = None if init_from is None else load_init(init_from, *context)
         start = self.resume or self.init  # its tokenizer, not one trained again
         saved = None if start is None else start.payload["tokenizer"]["state"]
+        floor = read_floor(self.resume.run_dir) if self.resume else None  # computed once
         parts = build_parts(
-            exp, device, tokenizer_state=saved, rank=world.rank, world_size=world.world_size
-        )  # every rank builds everything, so every rank refuses the same input
+            exp, device, tokenizer_state=saved, floor=floor,
+            rank=world.rank, world_size=world.world_size,
+        )  # every rank builds everything, so every rank refuses the same input  # fmt: skip
         self.tokenizer, self.data, self.model = parts.tokenizer, parts.data, parts.model
         if self.init is not None:
             self.init.apply(self.model)
@@ -138,7 +141,8 @@ class Trainer:
         self._start(run)
         tokens_per_step = self.global_batch * exp.model.context_length  # all ranks together
         check = ThreadCheck.on(self.device, self.console.say)  # warns if threads wait for cores
-        meter = StepMeter(self.console, self.world, tokens_per_step, state.step, t.max_steps, check)
+        meter = StepMeter(self.console, self.world, tokens_per_step, state.step, t.max_steps,
+                          check, self.data.floor_metrics)  # fmt: skip
         self.model.train()
         while state.step < t.max_steps:
             step = self.current_step = state.step + 1
@@ -209,11 +213,11 @@ class Trainer:
     def _evaluate(self, run: Run) -> None:
         step = self.state.step
         val_loss = self.evaluator.loss(run, step)
-        val_bpc = self._bpc(val_loss)
+        metrics = {"val_loss": val_loss, "val_bpc": self._bpc(val_loss),
+                   **self.data.floor_metrics(val_loss)}  # fmt: skip
         self.state.record_eval(val_loss)
-        run.log("eval", step=step, val_loss=val_loss, val_bpc=val_bpc)
-        self.console.say(f"step {step}: val_loss {val_loss:.4f} ({val_bpc:.3f} bits/char)")
-        metrics = {"val_loss": val_loss, "val_bpc": val_bpc}
+        run.log("eval", step=step, **metrics)
+        self.console.say(f"step {step}: {eval_line(metrics)}")
         self.events("on_eval", run=run, step=step, metrics=metrics)
 
     def save_checkpoint(self, run: Run) -> Path:
@@ -276,7 +280,8 @@ class Trainer:
                 run_id, run_dir = self.resume.run_id, self.resume.run_dir
             else:
                 run_id, run_dir = create_run_dir(self.runs_dir, exp.experiment.name)
-            removed = write_run_files(run_dir, exp.to_toml(), tokenizer_record(exp, self.tokenizer))
+            files = (exp.to_toml(), tokenizer_record(exp, self.tokenizer), self.data.floor)
+            removed = write_run_files(run_dir, *files)
             if removed:
                 self.console.say(f"removed {len(removed)} temporary file(s) of killed writes")
             log = RunLog.open(run_dir / "log.jsonl", run_id)

@@ -35,7 +35,8 @@ from slmkit.compare import (
 from slmkit.errors import SlmkitError
 from slmkit.progress import Console
 from slmkit.runlog import read_events
-from slmkit.runs import format_value, list_runs, read_run
+from slmkit.runs import list_runs, read_run
+from slmkit.runs_table import format_value
 from slmkit.sweep import grid, split_values
 from slmkit.table import format_table
 

@@ -17,7 +17,7 @@ import tomli_w
 
 from slmkit.config.diff import config_hash
 from slmkit.config.structure import unstructure_section
-from slmkit.options import OptionValueError, in_range, non_negative, one_of, positive
+from slmkit.options import OptionValueError, boolean, in_range, non_negative, one_of, positive
 from slmkit.registry import Component
 
 #: seeds are integers in [0, SEED_LIMIT)
@@ -55,6 +55,8 @@ class DataSection:
     val_fraction: float = attrs.field(
         default=0.05, validator=in_range(0, 1, low_open=True, high_open=True)
     )
+    #: a corpus without a floor (see docs/floors.md) is then an error
+    require_floor: bool = attrs.field(default=False, validator=boolean)
     options: Any = None
     #: the registered component the name resolved to (filled in by resolution)
     component: Component | None = attrs.field(default=None, eq=False, repr=False)
