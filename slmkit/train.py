@@ -14,18 +14,17 @@ each thing it does lives in a part of its own:
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from slmkit import __version__, checkpoint
+from slmkit import __version__
 from slmkit.build import build_parts, resolve_device
 from slmkit.config.schema import Experiment
 from slmkit.distributed import World
-from slmkit.errors import HookFailure, RunError, SlmkitError, first_line
 from slmkit.evaluate import Evaluator, bits_per_char, log_sample
+from slmkit.failures import failures_reported
 from slmkit.floor import read_floor
 from slmkit.plugins import PluginManager, RunEvents
 from slmkit.progress import Console, StepMeter, eval_line
@@ -130,8 +129,14 @@ class Trainer:
             if self.resume is not None:
                 self.state.restore(self.resume.payload, self.console)
             self.current_step = self.state.step
-            with StopSignals(self.world) as self.stop, self._reported(run):
-                return self._train(run)
+            with StopSignals(self.world) as self.stop:
+                try:
+                    with failures_reported(run, self.world, lambda: self.current_step):
+                        return self._train(run)
+                finally:  # before the signal handlers go back: torchrun may still signal
+                    self.console.close()
+                    run.logger.close()
+                    self.world.leave()
         finally:
             self.world.leave()  # also when the run folder could not be opened
             use_threads(self.threads_before)
@@ -233,41 +238,6 @@ class Trainer:
         if not saved:
             path = self.save_checkpoint(run)
         raise self.stop.interrupted(run, step, path, [self.source, *self.overrides])
-
-    @contextlib.contextmanager
-    def _reported(self, run: Run) -> Iterator[None]:
-        """Log a failure as ``run_failed`` and raise it as one line; close the run after."""
-        try:
-            yield
-        except HookFailure as exc:
-            message = f"{exc} at step {self.current_step}; {checkpoint.kept_note(run.run_dir)}"
-            self._failed(run, message)
-            raise RunError(self.world.label + message) from exc
-        except RunError as exc:
-            self._failed(run, str(exc))
-            if self.world.launched:
-                raise RunError(self.world.label + str(exc)) from exc
-            raise
-        except SlmkitError:  # RunInterrupted: StopSignals logged it
-            raise
-        except Exception as exc:
-            kept = checkpoint.kept_note(run.run_dir)
-            lost = self.world.lost_contact(exc, self.current_step, kept)
-            if lost is None:  # a bug: logged (`slmkit runs` says failed), shown as internal error
-                error = f"internal error: {type(exc).__name__}: {first_line(exc)}; {kept}"
-                self._failed(run, error)
-                raise
-            self._failed(run, str(lost))
-            raise lost from None
-        finally:
-            self.console.close()
-            run.logger.close()
-            self.world.leave()  # before the signal handlers go back: torchrun may still signal
-
-    def _failed(self, run: Run, error: str) -> None:
-        """Log ``run_failed``; a log that cannot be written (a full disk) hides no error."""
-        with contextlib.suppress(OSError):
-            run.log("run_failed", step=self.current_step, error=error)
 
     def open_run(self) -> Run:
         """The run folder (rank 0 creates it; the others learn its run id and path)."""
