@@ -9,10 +9,11 @@ took, and the environment the process ran in. Reading them needs neither torch n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
+
+from slmkit.rundir import process_alive
 
 Event = dict[str, Any]
 Segment = list[Event]
@@ -42,18 +43,6 @@ def started(segment: Segment) -> Event:
     return segment[0] if segment and segment[0].get("event") == "run_start" else {}
 
 
-def _process_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
 def status(segment: Segment) -> tuple[str, str]:
     """Status and a few words of why, from the events of one process."""
     names = {e.get("event") for e in segment}
@@ -66,7 +55,8 @@ def status(segment: Segment) -> tuple[str, str]:
         stop = next(e for e in reversed(segment) if e.get("event") == "run_interrupted")
         return "stopped", f"{stop.get('signal', 'signal')} at step {stop.get('step')}"
     start = started(segment)
-    if _process_alive(start.get("pid")):
+    pid = start.get("pid")
+    if isinstance(pid, int) and process_alive(pid):
         return "running", f"process {start['pid']}"
     return "stopped", "the process ended without logging why (killed?)"
 
