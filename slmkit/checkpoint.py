@@ -13,6 +13,8 @@ import hashlib
 import os
 import random
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -134,15 +136,13 @@ def load(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``, tensors onto the CPU) and check it."""
     path = resolve(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of old pickle protocols: one line only
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        if "Weights only load failed" in str(exc):  # it holds something besides tensors
-            why = next((ln for ln in lines if "GLOBAL" in ln), "")
-            detail = f"refused by the weights-only loader, which never runs code: {why}"
-        else:
-            detail = lines[0] if lines else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable slmkit checkpoint ({detail})") from None
+        raise CheckpointError(
+            f"{path}: not a loadable slmkit checkpoint ({_unloadable(path, exc)})"
+        ) from None
     if not isinstance(payload, dict) or any(k not in payload for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not an slmkit checkpoint (missing keys)")
     if payload["format"] != FORMAT_VERSION:
@@ -152,6 +152,20 @@ def load(path: str | Path) -> dict[str, Any]:
     if "checksum" in payload and payload["checksum"] != digest(payload):
         raise CheckpointError(f"{path}: checksum mismatch: the file is damaged")
     return payload
+
+
+def _unloadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` could not read ``path``, in a few words."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if "Weights only load failed" in str(exc):  # it holds something besides tensors
+        after = [ln for i, ln in enumerate(lines) if i and "WeightsUnpickler error" in lines[i - 1]]
+        why = next((ln for ln in lines if "GLOBAL" in ln), after[0] if after else "")
+        return "refused by the weights-only loader, which never runs code: " + (
+            why or "it holds more than tensors and plain values"
+        )
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        return "not a file torch.save wrote, or one cut short"
+    return lines[0] if lines else type(exc).__name__
 
 
 def load_newest_good(path: str | Path) -> tuple[Path, dict[str, Any], list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import random
 import re
 import shutil
@@ -322,6 +323,20 @@ def test_an_explicit_damaged_checkpoint_gets_no_fallback(finished_run, capsys) -
     truncate(run_dir / "checkpoints" / "latest.pt")
     assert main(["run", str(path), "--resume", str(run_dir / "checkpoints" / "latest.pt")]) == 2
     assert "not a loadable slmkit checkpoint" in capsys.readouterr().err
+
+
+def test_files_that_are_no_checkpoint_say_why_in_one_line(tmp_path, capsys) -> None:
+    text, raw_pickle = tmp_path / "notes.pt", tmp_path / "raw.pt"
+    text.write_text("hello\n")
+    raw_pickle.write_bytes(pickle.dumps({1: 2}, protocol=4))
+    assert main(["eval", str(text)]) == 2
+    assert main(["sample", str(raw_pickle)]) == 2
+    first, second = capsys.readouterr().err.splitlines()  # one line each, no warning
+    assert first == (f"slmkit: error: {text}: not a loadable slmkit checkpoint (not a file "
+                     "torch.save wrote, or one cut short)")  # fmt: skip
+    refused = f"slmkit: error: {raw_pickle}: not a loadable slmkit checkpoint (refused by the "
+    refused += "weights-only loader, which never runs code: "
+    assert second.startswith(refused) and len(second) > len(refused) + 1  # a reason is given
 
 
 class Payload:
