@@ -19,14 +19,12 @@ import attrs
 import torch
 
 from slmkit import __version__, checkpoint
-from slmkit.components import Schedule, Tokenizer
+from slmkit.components import Tokenizer
 from slmkit.config.diff import NOT_HASHED, changed_keys
 from slmkit.config.resolve import experiment_from_dict
 from slmkit.config.schema import Experiment
-from slmkit.data import BatchStream
 from slmkit.distributed import World
 from slmkit.errors import CheckpointError, RunError
-from slmkit.hooks import UpdateHooks
 from slmkit.model import LanguageModel
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
@@ -196,15 +194,10 @@ class TrainState:
     """The state of a run between steps, and its checkpoints."""
 
     exp: Experiment
-    world: World
-    device: torch.device
-    model: LanguageModel
     tokenizer: Tokenizer
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    stream: BatchStream
+    #: the parts whose states a checkpoint holds: model, optimizer, schedule, data
+    #: stream, update hooks, grad scaler (and the ranks and device they run on)
     stepper: Stepper
-    update_hooks: UpdateHooks | None = None
     #: optimizer steps taken
     step: int = 0
     best_val_loss: float | None = None
@@ -226,17 +219,22 @@ class TrainState:
         A run under torchrun adds ``world_size`` and ``rng_per_rank`` (every rank's RNG
         states, gathered to rank 0); its model weights are the unwrapped model's.
         """
-        scaler = self.stepper.precision.scaler
+        parts = self.stepper
+        scaler = parts.precision.scaler
         payload = {
             "format": checkpoint.FORMAT_VERSION,
             "slmkit_version": __version__,
             "run_id": run_id,
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else {},
-            "data": self.stream.state_dict(),
-            "update_hooks": self.update_hooks.state_dict() if self.update_hooks else [],
+            "model": self.stepper.model.state_dict(),
+            "optimizer": self.stepper.optimizer.state_dict(),
+            "schedule": self.stepper.schedule.state_dict()
+            if hasattr(self.stepper.schedule, "state_dict")
+            else {},
+            "data": self.stepper.stream.state_dict(),
+            "update_hooks": self.stepper.update_hooks.state_dict()
+            if self.stepper.update_hooks
+            else [],
             "grad_scaler": scaler.state_dict() if scaler else {},
             "rng": checkpoint.rng_state(),
             "experiment": self.exp.to_dict(),
@@ -244,22 +242,22 @@ class TrainState:
             "best_val_loss": self.best_val_loss,
             "last_val_loss": self.last_val_loss,
             "skipped_steps": self.stepper.skipped_steps,
-            "environment": environment(self.device),
+            "environment": environment(self.stepper.device),
         }
-        if self.world.launched:
-            payload["world_size"] = self.world.world_size
+        if self.stepper.world.launched:
+            payload["world_size"] = self.stepper.world.world_size
             payload["rng_per_rank"] = rng_per_rank
         return payload
 
     def restore(self, payload: dict[str, Any], console: Console) -> None:
         """Load a checkpoint's states into the live parts; the RNG states last."""
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        if hasattr(self.schedule, "load_state_dict") and payload.get("schedule"):
-            self.schedule.load_state_dict(payload["schedule"])
-        self.stream.load_state_dict(payload["data"])
-        if self.update_hooks is not None:
-            self.update_hooks.load_state_dict(payload["update_hooks"])
+        self.stepper.model.load_state_dict(payload["model"])
+        self.stepper.optimizer.load_state_dict(payload["optimizer"])
+        if hasattr(self.stepper.schedule, "load_state_dict") and payload.get("schedule"):
+            self.stepper.schedule.load_state_dict(payload["schedule"])
+        self.stepper.stream.load_state_dict(payload["data"])
+        if self.stepper.update_hooks is not None:
+            self.stepper.update_hooks.load_state_dict(payload["update_hooks"])
         scaler = self.stepper.precision.scaler
         if scaler is not None and payload.get("grad_scaler"):
             scaler.load_state_dict(payload["grad_scaler"])
@@ -275,7 +273,7 @@ class TrainState:
             )
         # A run of N ranks saved every rank's RNG state; a single process saved one.
         per_rank = payload.get("rng_per_rank")
-        rng = per_rank[self.world.rank] if per_rank is not None else payload["rng"]
+        rng = per_rank[self.stepper.world.rank] if per_rank is not None else payload["rng"]
         checkpoint.set_rng_state(rng)  # last: nothing may draw after this
 
     def save(self, run: Run) -> Path:
@@ -286,7 +284,7 @@ class TrainState:
         """
         folder = run.run_dir / "checkpoints"
         path = folder / f"step_{self.step}.pt"
-        bad = self.model.nonfinite_parameters()  # the same on every rank
+        bad = self.stepper.model.nonfinite_parameters()  # the same on every rank
         if bad:  # a checkpoint is a promise: never one of a broken model
             more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
             raise RunError(
@@ -294,7 +292,11 @@ class TrainState:
                 f"written ({checkpoint.kept_note(run.run_dir)}); "
                 'training.on_nonfinite = "skip" would undo such updates instead'
             )
-        rngs = self.world.gather(checkpoint.rng_state()) if self.world.launched else None
+        rngs = (
+            self.stepper.world.gather(checkpoint.rng_state())
+            if self.stepper.world.launched
+            else None
+        )
 
         def write() -> None:
             try:
@@ -306,6 +308,6 @@ class TrainState:
                 ) from exc
             checkpoint.prune(folder, self.exp.training.keep_checkpoints)
 
-        self.world.from_main(write)
+        self.stepper.world.from_main(write)
         run.log("checkpoint", step=self.step, path=str(path.relative_to(run.run_dir)))
         return path

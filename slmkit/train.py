@@ -103,10 +103,7 @@ class Trainer:
             self.model, self.data.val_batches, self.data.val_share, world, device,
             precision.autocast, self.forward_hooks,
         )  # fmt: skip
-        self.state = TrainState(
-            exp, world, device, self.model, self.tokenizer, self.optimizer, self.schedule,
-            self.data.stream, self.stepper, self.update_hooks,
-        )  # fmt: skip
+        self.state = TrainState(exp, self.tokenizer, self.stepper)
         # Run-event hooks observe the run: rank 0 calls them, once for the whole run.
         self.events = self.manager.run_events(exp.participants) if world.is_main else RunEvents()
         self.current_step = 0  # the step being computed, for error messages
