@@ -74,7 +74,7 @@ def run_once(command: list[str], env: dict[str, str], overrides: Sequence[str],
     )  # fmt: skip
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-8000:]}")
     (run_dir,) = runs.iterdir()
     events = read_events(run_dir / "log.jsonl")
     steps = [e for e in events if e["event"] == "train_step"]

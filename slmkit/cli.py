@@ -311,6 +311,15 @@ def _stdout_gone() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``slmkit`` command; returns the exit code."""
+    code = _command(argv)
+    distributed = sys.modules.get("slmkit.distributed")  # imported only by runs that train
+    if distributed is not None:
+        distributed.end_rank_process(code)  # a torchrun rank exits here (see why there)
+    return code
+
+
+def _command(argv: Sequence[str] | None) -> int:
+    """Parse ``argv``, run the command, turn its failures into a message and exit code."""
     if isinstance(sys.stdout, io.TextIOWrapper):
         # A path or prompt typed in bytes that are not UTF-8 reaches Python as surrogates;
         # echoing it back writes the bytes the user typed instead of failing.

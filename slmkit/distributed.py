@@ -13,8 +13,11 @@ The backend follows the device: gloo on the CPU, nccl on CUDA (each rank on the 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -51,6 +54,27 @@ def timeout_s(environ: Mapping[str, str] = os.environ) -> float:
     return value
 
 
+def end_rank_process(code: int) -> None:
+    """End a torchrun rank's process with ``code`` now, leaving out the interpreter's teardown.
+
+    DDP keeps its process group alive (a reference cycle on the C++ side), so gloo's worker
+    threads outlive ``destroy_process_group``. At a normal exit they race with the C++
+    runtime's teardown and, now and then under load, abort the process ("terminate called
+    without an active exception", SIGABRT) after the run has finished and saved everything;
+    torchrun then reports the run as failed. By the time this is called the run's files are
+    closed, so it runs the ``atexit`` handlers, flushes the standard streams and leaves with
+    ``os._exit``, which runs no destructors. A process that never created a process group
+    (every run outside torchrun, and every test calling the CLI in-process) returns at once.
+    """
+    if not World.created_group:
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code)
+
+
 def is_lost_peer(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective failing because another rank died or hung."""
     return isinstance(exc, dist.DistError) or bool(_LOST_PEER.search(str(exc)))
@@ -62,6 +86,9 @@ class World:
     ``launched`` is true under torchrun (even with one rank: the run then has a process
     group of one); ``rank`` 0 is the main rank, the only one that writes files.
     """
+
+    #: whether this process ever created a process group (see :func:`end_rank_process`)
+    created_group = False
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  *, launched: bool = False) -> None:  # fmt: skip
@@ -125,6 +152,7 @@ class World:
         if not self.launched or dist.is_initialized():
             return
         self.backend = "nccl" if device.type == "cuda" else "gloo"
+        World.created_group = True
         dist.init_process_group(
             self.backend,
             timeout=timedelta(seconds=timeout_s()),

@@ -85,6 +85,23 @@ def grad_norms(run_dir: Path) -> list[float]:
 # -- the pieces, in this process ------------------------------------------------------------
 
 
+def test_a_rank_process_ends_with_its_code_after_atexit_handlers_and_flushed_output() -> None:
+    # What a rank does at the end of `slmkit` (gloo's threads would race the teardown).
+    script = (
+        "import atexit, sys\n"
+        "from slmkit.distributed import World, end_rank_process\n"
+        "end_rank_process(0)  # no process group created: returns\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "World.created_group = True\n"
+        "sys.stdout.write('buffered, ')\n"
+        "end_rank_process(3)\n"
+        "print('not reached')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert (done.returncode, done.stdout) == (3, "buffered, atexit ran\n")
+
+
 def test_a_process_without_torchrun_variables_is_a_single_process() -> None:
     world = World.from_env({})
     assert (world.rank, world.world_size, world.launched, world.is_main) == (0, 1, False, True)
