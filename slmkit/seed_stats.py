@@ -199,7 +199,9 @@ def analyse(records: Sequence[RunRecord], baseline: Sequence[str] = ()) -> SeedA
         raise SlmkitError("--baseline: no finished run to choose a baseline group from")
     stats = [_group_stats(g) for g in groups]
     base = pick_baseline(groups, baseline) if groups else 0
-    return SeedAnalysis(stats, base, compare_groups(stats, base), out)
+    # with no group of two runs there is nothing to test: no comparisons, as before groups
+    comparisons = compare_groups(stats, base) if any(g.n > 1 for g in stats) else []
+    return SeedAnalysis(stats, base, comparisons, out)
 
 
 def _group_stats(group: Group) -> GroupStats:
@@ -250,7 +252,7 @@ def group_label(analysis: SeedAnalysis, index: int) -> str:
     """The group's label, marked when it is the baseline of a comparison."""
     label = analysis.groups[index].group.label
     return (
-        f"{label} (baseline)" if index == analysis.baseline and len(analysis.groups) > 1 else label
+        f"{label} (baseline)" if index == analysis.baseline and analysis.comparisons else label
     )
 
 
