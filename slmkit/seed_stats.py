@@ -251,9 +251,7 @@ def format_interval(low: float | None, high: float | None, n: int = 2) -> str:
 def group_label(analysis: SeedAnalysis, index: int) -> str:
     """The group's label, marked when it is the baseline of a comparison."""
     label = analysis.groups[index].group.label
-    return (
-        f"{label} (baseline)" if index == analysis.baseline and analysis.comparisons else label
-    )
+    return f"{label} (baseline)" if index == analysis.baseline and analysis.comparisons else label
 
 
 INTERVAL = f"{CONFIDENCE:.0%} CI"
