@@ -235,8 +235,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Diff the runs' experiments, show their metrics; write the curves and a report."""
     from pathlib import Path
 
-    from slmkit.compare import comparison_text, summary_for_json, write_outputs
+    from slmkit.compare import comparison_text, summary_for_json
+    from slmkit.compare_report import write_outputs
     from slmkit.runs import list_runs, read_run, resolve_run
+    from slmkit.seed_stats import analyse
 
     records = [read_run(resolve_run(name, args.runs_dir)) for name in args.runs]
     if args.sweep:
@@ -246,15 +248,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         records += sorted(swept, key=lambda r: (r.sweep or {}).get("index", 0))
     if not records:
         raise SlmkitError("compare: name at least one run (a run folder or id), or --sweep ID")
+    analysis = analyse(records, args.baseline)  # refusals come before anything is written
     written = write_outputs(
         records,
+        analysis,
         report=Path(args.out) if args.out else None,
         png=Path(args.png) if args.png else None,
     )
     if args.json:
-        print(json.dumps(summary_for_json(records), indent=2))
+        print(json.dumps(summary_for_json(records, analysis), indent=2))
     else:
-        print(comparison_text(records), end="")
+        print(comparison_text(records, analysis), end="")
     for path in written:
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -1,26 +1,33 @@
-"""Runs side by side: what differs in their experiments, their metrics, their loss curves.
+"""Runs side by side: what differs in their experiments, their metrics, their groups of
+seeds (:mod:`slmkit.seed_stats`), their loss curves.
 
-The text tables need nothing beyond the standard library. The loss-curve picture needs
-matplotlib, the optional extra ``slmkit[plot]``; the HTML report embeds that PNG (base64)
-with the tables and each run's latest sample, so it is one self-contained file.
+The loss-curve picture needs matplotlib, the optional extra ``slmkit[plot]``;
+:mod:`slmkit.compare_report` embeds it in the HTML report.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slmkit.config.diff import changed_keys
 from slmkit.errors import SlmkitError
 from slmkit.run_segments import ENVIRONMENT_KEYS
-from slmkit.rundir import write_atomic
 from slmkit.runs import RunRecord, lookup
 from slmkit.runs_table import format_value, table_rows, with_floor_columns
+from slmkit.seed_stats import (
+    CONFIDENCE,
+    INTERVAL,
+    GroupStats,
+    SeedAnalysis,
+    analyse,
+    analysis_json,
+    comparison_heading,
+    comparison_rows,
+    group_rows,
+    notes,
+)
 from slmkit.table import format_table
 
 if TYPE_CHECKING:  # matplotlib is an optional extra, imported when a picture is drawn
@@ -101,8 +108,9 @@ def metric_rows(records: Sequence[RunRecord]) -> list[list[str]]:
     return table_rows(records, with_floor_columns(records, METRIC_COLUMNS))
 
 
-def comparison_text(records: Sequence[RunRecord]) -> str:
-    """What ``slmkit compare`` prints: the config and environment differences, the metrics."""
+def comparison_text(records: Sequence[RunRecord], analysis: SeedAnalysis | None = None) -> str:
+    """What ``slmkit compare`` prints: the config and environment differences, the metrics,
+    then the groups of seeds (``analysis``, made from ``records`` when not given)."""
     diff, env = config_diff_rows(records), environment_diff_rows(records)
     out = [f"config differences ({len(diff) - 1} keys):"]
     out.append(format_table(diff) if len(diff) > 1 else "(the experiments are identical)\n")
@@ -113,7 +121,19 @@ def comparison_text(records: Sequence[RunRecord]) -> str:
     out.append(format_table(env) if len(env) > 1 else "(the recorded environments are identical)\n")
     out.append("metrics:")
     out.append(format_table(metric_rows(records)))
-    return "\n".join(out)
+    return "\n".join([*out, seed_text(analysis or analyse(records))])
+
+
+def seed_text(analysis: SeedAnalysis) -> str:
+    """The groups of seeds: each group's statistics, each group against the baseline."""
+    count = f"{len(analysis.groups)} group{'s' if len(analysis.groups) != 1 else ''}"
+    out = [f"groups of seeds ({count} of runs whose experiments differ only in the seed; "
+           f"{INTERVAL}: the t-interval of the mean):"]  # fmt: skip
+    if analysis.groups:
+        out.append(format_table(group_rows(analysis)))
+    if analysis.comparisons:
+        out += [comparison_heading(analysis), format_table(comparison_rows(analysis))]
+    return "\n".join([*out, *notes(analysis)]).rstrip("\n") + "\n"
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
@@ -146,7 +166,21 @@ def run_label(record: RunRecord, keys: Sequence[str]) -> str:
         else:
             value = format_value(lookup(record.experiment, key))
         pairs.append(f"{names[key]}={value}")
-    lines = [record.run_id]
+    return wrapped_label(record.run_id, pairs)
+
+
+def group_legend_label(stats: GroupStats) -> str:
+    """A legend label of a group of seeds: how many runs, then its value of every key the
+    groups differ in."""
+    names = short_names(list(stats.group.values))
+    pairs = [f"{names[k]}={format_value(v)}" for k, v in stats.group.values.items()]
+    first = f"mean of {stats.n} seeds" if stats.n > 1 else f"1 run, {stats.group.runs[0].run_id}"
+    return wrapped_label(first, pairs)
+
+
+def wrapped_label(first_line: str, pairs: Sequence[str]) -> str:
+    """``first_line``, then the ``key=value`` pairs in lines of :data:`LEGEND_LINE_CHARS`."""
+    lines = [first_line]
     current = ""
     for pair in pairs:
         if current and len(current) + 2 + len(pair) > LEGEND_LINE_CHARS:
@@ -171,29 +205,23 @@ def legend_columns(n_runs: int) -> int:
     return min(n_runs, 2)
 
 
-def loss_curves_png(records: Sequence[RunRecord]) -> bytes:
-    """Training (solid) and validation (dashed, dots) loss against step and tokens seen."""
+def loss_curves_png(records: Sequence[RunRecord], analysis: SeedAnalysis | None = None) -> bytes:
+    """Training (solid) and validation (dashed, dots) loss against step and tokens seen:
+    each group's mean and band when ``analysis`` has groups of seeds, else each run's."""
     buffer = io.BytesIO()
-    loss_curves_figure(records).savefig(buffer, format="png", dpi=FIGURE_DPI)
+    loss_curves_figure(records, analysis).savefig(buffer, format="png", dpi=FIGURE_DPI)
     return buffer.getvalue()
 
 
-def loss_curves_figure(records: Sequence[RunRecord]) -> Figure:
+def loss_curves_figure(
+    records: Sequence[RunRecord], analysis: SeedAnalysis | None = None
+) -> Figure:
     """The picture :func:`loss_curves_png` draws, as a matplotlib figure."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SlmkitError(
-            "the loss-curve picture needs matplotlib: pip install 'slmkit[plot]' "
-            "(or uv sync --extra plot)"
-        ) from None
-    matplotlib.use("Agg")  # draw to memory: no display needed
-    from matplotlib.figure import Figure
-
+    if analysis is not None and analysis.replicated:
+        return group_curves_figure(analysis)
     keys = legend_keys(records)
     labels = [run_label(r, keys) for r in records]
-    figure = Figure(figsize=figure_size(labels), dpi=FIGURE_DPI, layout="constrained")
-    by_step, by_tokens = figure.subplots(1, 2, sharey=True)
+    figure, (by_step, by_tokens) = _empty_figure(labels)
     for i, (r, label) in enumerate(zip(records, labels, strict=True)):
         color = f"C{i % 10}"
         per_step = r.tokens_per_step or 0
@@ -208,107 +236,74 @@ def loss_curves_figure(records: Sequence[RunRecord]) -> Figure:
                 axes.axhline(r.floor_per_token, color=color, linestyle=":", linewidth=1.5)
         train_line = by_step.lines[-3 if r.floor_per_token is not None else -2]
         train_line.set_label(label)  # one legend entry per run
+    floors = any(r.floor_per_token is not None for r in records)
+    _finish(figure, len(records), "training (solid) and validation (dashed) loss"
+            + (", the corpus's floor (dotted)" if floors else ""))  # fmt: skip
+    return figure
+
+
+def group_curves_figure(analysis: SeedAnalysis) -> Figure:
+    """Each group's mean training (solid) and validation (dashed) loss over its seeds, at
+    the steps all its runs logged, the validation mean in a band: its t-interval."""
+    labels = [group_legend_label(g) for g in analysis.groups]
+    figure, (by_step, by_tokens) = _empty_figure(labels)
+    floors = False
+    for i, (stats, label) in enumerate(zip(analysis.groups, labels, strict=True)):
+        color, first = f"C{i % 10}", stats.group.runs[0]
+        train, val = stats.train_curve, stats.val_curve
+        for axes, scale in ((by_step, 1), (by_tokens, first.tokens_per_step or 0)):
+            if scale == 0:
+                continue  # tokens per step unknown (no experiment.toml): no x values
+            axes.plot([s * scale for s in train.steps], train.mean, color=color, linewidth=1,
+                      alpha=0.6)  # fmt: skip
+            x = [s * scale for s in val.steps]
+            axes.plot(x, val.mean, color=color, linestyle="--", marker="o", markersize=3,
+                      label=label if axes is by_step else None)  # fmt: skip
+            if val.low is not None and val.high is not None:
+                axes.fill_between(x, val.low, val.high, color=color, alpha=0.2, linewidth=0)
+            if first.floor_per_token is not None:  # the best loss any model can reach
+                floors = True
+                axes.axhline(first.floor_per_token, color=color, linestyle=":", linewidth=1.5)
+    _finish(figure, len(labels), "mean training (solid) and validation (dashed) loss of each "
+            f"group's seeds; band: {CONFIDENCE:.0%} t-interval of the validation mean"
+            + (", the corpus's floor (dotted)" if floors else ""))  # fmt: skip
+    return figure
+
+
+def _empty_figure(labels: Sequence[str]) -> tuple[Figure, Any]:
+    """A figure sized for ``labels`` with two plots side by side sharing the loss axis."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SlmkitError(
+            "the loss-curve picture needs matplotlib: pip install 'slmkit[plot]' "
+            "(or uv sync --extra plot)"
+        ) from None
+    matplotlib.use("Agg")  # draw to memory: no display needed
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figure_size(labels), dpi=FIGURE_DPI, layout="constrained")
+    return figure, figure.subplots(1, 2, sharey=True)
+
+
+def _finish(figure: Figure, entries: int, title: str) -> None:
+    """Axis labels, grids, the legend below the plots, the title."""
+    by_step, by_tokens = figure.axes
     by_step.set_xlabel("step")
     by_tokens.set_xlabel("training tokens seen")
     by_step.set_ylabel("loss (nats/token)")
     for axes in (by_step, by_tokens):
         axes.grid(True, alpha=0.3)
     # Below the plots, so it never hides a curve however many runs there are.
-    figure.legend(loc="outside lower center", ncols=legend_columns(len(records)),
-                  fontsize="small")  # fmt: skip
-    floors = any(r.floor_per_token is not None for r in records)
-    figure.suptitle("training (solid) and validation (dashed) loss"
-                    + (", the corpus's floor (dotted)" if floors else ""))  # fmt: skip
-    return figure
+    figure.legend(loc="outside lower center", ncols=legend_columns(entries), fontsize="small")
+    figure.suptitle(title)
 
 
-def _html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:]
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin-bottom: 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f3f3f3; }
-td { font-family: ui-monospace, monospace; }
-pre { background: #f7f7f7; padding: 0.8em; white-space: pre-wrap; max-width: 60em; }
-img { max-width: 100%; }
-"""
-
-
-def report_html(records: Sequence[RunRecord], png: bytes) -> str:
-    """One self-contained HTML page: metrics, config differences, curves, samples."""
-    diff = config_diff_rows(records)
-    image = base64.b64encode(png).decode("ascii")
-    samples = "".join(
-        f"<h3>{html.escape(r.run_id)}</h3>"
-        + (f"<pre>{html.escape(r.last_sample)}</pre>" if r.last_sample else "<p>(no sample)</p>")
-        for r in records
-    )
-    diff_html = _html_table(diff) if len(diff) > 1 else "<p>The experiments are identical.</p>"
-    env = environment_diff_rows(records)
-    env_html = (
-        _html_table(env) if len(env) > 1 else "<p>The recorded environments are identical.</p>"
-    )
-    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    title = f"slmkit compare: {len(records)} runs"
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{_STYLE}</style></head>
-<body>
-<h1>{html.escape(title)}</h1>
-<p>Made {made} from {", ".join(html.escape(str(r.run_dir)) for r in records)}.</p>
-<h2>Metrics</h2>
-{_html_table(metric_rows(records))}
-<h2>Config differences</h2>
-{diff_html}
-<h2>Environment differences</h2>
-{env_html}
-<h2>Loss curves</h2>
-<img alt="training and validation loss of each run" src="data:image/png;base64,{image}">
-<h2>Latest samples</h2>
-{samples}
-</body></html>
-"""
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write an output atomically; a failure is one line naming the file."""
-    try:
-        write_atomic(path, data)
-    except OSError as exc:
-        raise SlmkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
-
-
-def write_outputs(
-    records: Sequence[RunRecord], *, report: Path | None, png: Path | None
-) -> list[Path]:
-    """Draw the curves once and write the report and/or the PNG; the paths written."""
-    if report is None and png is None:
-        return []
-    for path in (report, png):
-        if path is not None and not path.parent.is_dir():
-            raise SlmkitError(f"{path}: no such folder {path.parent}")
-        if path is not None and (path.is_dir() or path.name in ("", ".", "..")):
-            raise SlmkitError(f"{path}: is a folder; name the file to write")
-    picture = loss_curves_png(records)
-    written = []
-    if png is not None:
-        _write(png, picture)
-        written.append(png)
-    if report is not None:
-        _write(report, report_html(records, picture).encode("utf-8"))
-        written.append(report)
-    return written
-
-
-def summary_for_json(records: Sequence[RunRecord]) -> dict[str, Any]:
-    """``slmkit compare --json``: the differing keys with each run's value, and metrics."""
+def summary_for_json(
+    records: Sequence[RunRecord], analysis: SeedAnalysis | None = None
+) -> dict[str, Any]:
+    """``slmkit compare --json``: the differing keys with each run's value, metrics, and the
+    groups of seeds with their statistics, comparisons and the runs left out."""
     keys = differing_keys(records)
     return {
         "runs": [r.as_json() for r in records],
@@ -319,4 +314,5 @@ def summary_for_json(records: Sequence[RunRecord]) -> dict[str, Any]:
             key: {r.run_id: r.environment.get(key) for r in records}
             for key in environment_keys(records)
         },
+        **analysis_json(analysis or analyse(records)),
     }

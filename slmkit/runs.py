@@ -81,6 +81,8 @@ class RunRecord:
     #: None for a corpus without a floor
     val_floor: float | None = None
     last_val_excess: float | None = None
+    #: the sha256 of the corpus text the run trained on (``run_start``'s ``corpus``)
+    corpus_sha256: str | None = None
 
     @property
     def floor_per_token(self) -> float | None:
@@ -271,6 +273,7 @@ def _record(
         last_sample=sample,
         val_floor=floor,
         last_val_excess=excess[max(excess)] if excess else None,
+        corpus_sha256=as_text(as_table(first_start.get("corpus")).get("sha256")),
     )
 
 

@@ -1,0 +1,134 @@
+"""The HTML report and the picture files of ``slmkit compare``, written whole or not at all.
+
+The report is one self-contained page: the tables of :mod:`slmkit.compare` and of the groups
+of seeds (:mod:`slmkit.seed_stats`), the loss-curve PNG embedded (base64), each run's latest
+sample. Both files are drawn before either is written, and each is written atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from slmkit.compare import config_diff_rows, environment_diff_rows, loss_curves_png, metric_rows
+from slmkit.errors import SlmkitError
+from slmkit.rundir import write_atomic
+from slmkit.runs import RunRecord
+from slmkit.seed_stats import (
+    INTERVAL,
+    SeedAnalysis,
+    comparison_heading,
+    comparison_rows,
+    group_rows,
+    notes,
+)
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:]
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+td { font-family: ui-monospace, monospace; }
+pre { background: #f7f7f7; padding: 0.8em; white-space: pre-wrap; max-width: 60em; }
+img { max-width: 100%; }
+"""
+
+
+def seed_html(analysis: SeedAnalysis) -> str:
+    """The groups of seeds: their table, the comparisons with the baseline, the notes."""
+    parts = [f"<p>Runs whose experiments differ only in their seed form a group; {INTERVAL}: "
+             "the t-interval of the group's mean.</p>"]  # fmt: skip
+    if analysis.groups:
+        parts.append(_html_table(group_rows(analysis)))
+    if analysis.comparisons:
+        parts.append(f"<p>{html.escape(comparison_heading(analysis))}</p>")
+        parts.append(_html_table(comparison_rows(analysis)))
+    parts += [f"<p>{html.escape(line)}</p>" for line in notes(analysis)]
+    return "\n".join(parts)
+
+
+def report_html(records: Sequence[RunRecord], png: bytes, analysis: SeedAnalysis) -> str:
+    """One self-contained HTML page: metrics, groups of seeds, config differences, curves,
+    samples."""
+    diff = config_diff_rows(records)
+    image = base64.b64encode(png).decode("ascii")
+    samples = "".join(
+        f"<h3>{html.escape(r.run_id)}</h3>"
+        + (f"<pre>{html.escape(r.last_sample)}</pre>" if r.last_sample else "<p>(no sample)</p>")
+        for r in records
+    )
+    diff_html = _html_table(diff) if len(diff) > 1 else "<p>The experiments are identical.</p>"
+    env = environment_diff_rows(records)
+    env_html = (
+        _html_table(env) if len(env) > 1 else "<p>The recorded environments are identical.</p>"
+    )
+    made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    title = f"slmkit compare: {len(records)} runs"
+    curves = "each group's mean" if analysis.replicated else "each run's"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{_STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>Made {made} from {", ".join(html.escape(str(r.run_dir)) for r in records)}.</p>
+<h2>Metrics</h2>
+{_html_table(metric_rows(records))}
+<h2>Groups of seeds</h2>
+{seed_html(analysis)}
+<h2>Config differences</h2>
+{diff_html}
+<h2>Environment differences</h2>
+{env_html}
+<h2>Loss curves</h2>
+<img alt="{curves} training and validation loss" src="data:image/png;base64,{image}">
+<h2>Latest samples</h2>
+{samples}
+</body></html>
+"""
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write an output atomically; a failure is one line naming the file."""
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        raise SlmkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def write_outputs(
+    records: Sequence[RunRecord],
+    analysis: SeedAnalysis,
+    *,
+    report: Path | None,
+    png: Path | None,
+) -> list[Path]:
+    """Draw the curves once and write the report and/or the PNG; the paths written."""
+    if report is None and png is None:
+        return []
+    for path in (report, png):
+        if path is not None and not path.parent.is_dir():
+            raise SlmkitError(f"{path}: no such folder {path.parent}")
+        if path is not None and (path.is_dir() or path.name in ("", ".", "..")):
+            raise SlmkitError(f"{path}: is a folder; name the file to write")
+    picture = loss_curves_png(records, analysis)
+    page = report_html(records, picture, analysis).encode("utf-8") if report else b""
+    written = []
+    if png is not None:
+        _write(png, picture)
+        written.append(png)
+    if report is not None:
+        _write(report, page)
+        written.append(report)
+    return written
