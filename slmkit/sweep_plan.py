@@ -131,7 +131,9 @@ def match_previous(sweep: Sweep) -> None:
     if not records:
         raise SlmkitError(f"{option}: no runs of that sweep in {sweep.runs_dir}")
     found: dict[int, list[RunRecord]] = {}
-    for record in records:  # newest first
+    # in grid order (the first mismatch is the one named), the newest first within a member
+    records.sort(key=lambda r: (r.sweep or {}).get("index", -1))
+    for record in records:
         tag = record.sweep or {}
         index, overrides = tag.get("index"), tag.get("overrides")
         if tag.get("size") != size:
