@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomli_w
 from conftest import TINY, assert_same_parameters, events, losses, merge, train
 
 import slmkit
