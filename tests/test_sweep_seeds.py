@@ -88,6 +88,7 @@ def test_experiment_seeds_run_as_single_runs_of_one_seed(
     code, out, err = run_main("run", str(path), "--runs-dir", str(runs), "--set",
                               "training.max_steps=3")  # fmt: skip
     assert code == 0, err
+    assert f"sweep {sweep_id_of(out)}: 2 runs of" in out  # one sweep
     records = sorted(list_runs(runs), key=lambda r: r.sweep["index"])
     assert [r.sweep["overrides"] for r in records] == [
         ["experiment.seed=11"],
