@@ -297,12 +297,12 @@ def run_jobs(
                     for job in running:
                         if job.member.index == index and job.run_dir is None:
                             job.attach(folder)
-                for job in list(running):
+                for job in running:
                     job.follow()
-                    if job.ended():
-                        running.remove(job)
-                        _report(sweep, job, board, failed, stop.received)
-                board.refresh()
+                board.refresh()  # before the ends: a member's last steps show, however short
+                for job in [job for job in running if job.ended()]:
+                    running.remove(job)
+                    _report(sweep, job, board, failed, stop.received)
         finally:
             for job in running:  # only after an error here: leave no child behind
                 job.proc.terminate()
