@@ -200,7 +200,7 @@ def test_jobs_2_runs_members_as_processes_and_a_failing_one_does_not_stop_the_ot
     assert f"sweep {sweep_id}: run 2/2 started: data.path={good}" in lines
     val_loss = events(record.run_dir, "eval")[-1]["val_loss"]
     assert f"sweep {sweep_id}: run 2/2 finished: val_loss {val_loss:.4f} ({record.run_id})" in lines
-    member_line = re.compile(rf"  \[2/2\] data\.path=\S+: step [1-6]/6 \| loss \d+\.\d{{4}}$")
+    member_line = re.compile(r"  \[2/2\] data\.path=\S+: step [1-6]/6 \| loss \d+\.\d{4}$")
     assert any(member_line.match(line) for line in lines), out
     assert f"sweep {sweep_id}: 1/2 finished, 1 failed | ETA 0s" in lines
     # the child's console went to its run folder
@@ -286,8 +286,8 @@ def test_ctrl_c_stops_the_sweep_and_resume_sweep_finishes_it_bit_exact(
         assert read_run(run_dir).status == "stopped"
         assert events(run_dir, "run_interrupted")[0]["signal"] == "SIGINT"
 
-    code, out, err = run_main("run", str(path), "--runs-dir", str(runs), "--seeds", "2",
-                              "--threads", "1", "--jobs", "2", "--resume-sweep", sweep_id)  # fmt: skip
+    options = ["--seeds", "2", "--threads", "1", "--jobs", "2", "--resume-sweep", sweep_id]
+    code, out, err = run_main("run", str(path), "--runs-dir", str(runs), *options)
     assert code == 0, err
     assert by_index(runs) == stopped  # each continued in its own folder
     for seed, run_dir in zip((7, 8), stopped, strict=True):
