@@ -46,6 +46,8 @@ from slmkit.sweep_plan import Member, Sweep
 
 #: seconds between two looks at the children and their logs
 POLL_S = 0.2
+#: lines of a child's output kept in memory once in its console.log (for its last error)
+KEPT_LINES = 50
 
 
 def child_threads(member: Member, parent_threads: int, jobs: int) -> int | None:
@@ -194,13 +196,18 @@ class Job:
         """Copy new output to ``console.log``; read new events into the member's progress."""
         if self.run_dir is None or self.tail is None:
             return
-        lines, self._written = self.output[self._written :], len(self.output)
+        end = len(self.output)  # the reader thread may append meanwhile: up to here
+        lines, self._written = self.output[self._written : end], end
         if lines:
             try:
                 with open(self.run_dir / CONSOLE_LOG, "a", encoding="utf-8") as f:
                     f.write("".join(f"{line}\n" for line in lines))
             except OSError:
                 pass  # the run's own log.jsonl has what matters; the console copy is a help
+        written = self._written - KEPT_LINES  # kept in memory: the last lines, for errors
+        if written > 0:
+            del self.output[:written]
+            self._written -= written
         shown = self.shown
         for event in self.tail.new_events():
             name = event.get("event")
@@ -293,10 +300,10 @@ def run_jobs(
                     board.event(f"sweep {sweep.sweep_id}: {shown.name} started: "
                                 f"{' '.join(member.combo)}")  # fmt: skip
                 time.sleep(POLL_S)
-                for index, folder in folders.found().items():
-                    for job in running:
-                        if job.member.index == index and job.run_dir is None:
-                            job.attach(folder)
+                unplaced = {job.member.index: job for job in running if job.run_dir is None}
+                for index, folder in (folders.found() if unplaced else {}).items():
+                    if index in unplaced:
+                        unplaced[index].attach(folder)
                 for job in running:
                     job.follow()
                 board.refresh()  # before the ends: a member's last steps show, however short

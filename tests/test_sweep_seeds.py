@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import shlex
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +245,48 @@ def test_a_member_that_never_started_runs_again_on_resume(write_experiment, tmp_
     records = sorted(list_runs(runs), key=lambda r: r.sweep["index"])
     assert [(r.sweep["index"], r.status) for r in records] == [(0, "finished"), (1, "finished")]
     assert records[1].run_dir == kept.run_dir and tree(kept.run_dir) == untouched
+
+
+class CtrlC:
+    """A plugin that sends this process SIGINT right after the checkpoint of step 3 of one seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed: int | None = seed
+
+    @slmkit.hookimpl
+    def on_checkpoint(self, run: Any, step: int) -> None:
+        if step == 3 and run.experiment.experiment.seed == self.seed:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_stops_the_whole_sweep_and_prints_how_to_resume_it(
+    write_experiment, tmp_path: Path, monkeypatch
+) -> None:
+    ctrl_c = CtrlC(seed=7)
+    manager = PluginManager(entry_points=False).load()
+    manager.add(ctrl_c, "ctrl_c")
+    monkeypatch.setattr("slmkit.cli._manager", lambda: manager)
+    path = write_experiment({"plugins": {"enable": ["ctrl_c"]}})
+    runs = tmp_path / "runs"
+    options = ["run", str(path), "--runs-dir", str(runs), "--seeds", "2", "--threads", "1"]
+    code, out, err = run_main(*options)
+    sweep_id = sweep_id_of(out)
+    assert code == 130
+    (line,) = err.splitlines()
+    assert line.startswith("slmkit: stopped by SIGINT at step 3: saved ")
+    printed = shlex.split(line.split("; or the whole sweep: ")[1])
+    command = printed[[i for i, a in enumerate(printed) if a.endswith("slmkit")][0] + 1 :]
+    assert command == ["run", str(path), "--set", "training.threads=1", "--seeds", "2",
+                       "--runs-dir", str(runs), "--resume-sweep", sweep_id]  # fmt: skip
+    assert "run 2/2" not in out  # the sweep stopped with its first run
+    (stopped,) = list_runs(runs)
+    assert (stopped.status, stopped.steps) == ("stopped", 3)
+
+    ctrl_c.seed = None
+    code, out, err = run_main(*command)  # as printed
+    assert code == 0, err
+    records = sorted(list_runs(runs), key=lambda r: r.sweep["index"])
+    assert [(r.status, r.steps) for r in records] == [("finished", 6), ("finished", 6)]
+    assert records[0].run_dir == stopped.run_dir
+    alone = train(path, tmp_path / "alone", manager, ["experiment.seed=7", "training.threads=1"])
+    assert losses(stopped.run_dir) == losses(alone)
