@@ -275,7 +275,7 @@ def test_ctrl_c_stops_the_whole_sweep_and_prints_how_to_resume_it(
     (line,) = err.splitlines()
     assert line.startswith("slmkit: stopped by SIGINT at step 3: saved ")
     printed = shlex.split(line.split("; or the whole sweep: ")[1])
-    command = printed[[i for i, a in enumerate(printed) if a.endswith("slmkit")][0] + 1 :]
+    command = printed[next(i for i, a in enumerate(printed) if a.endswith("slmkit")) + 1 :]
     assert command == ["run", str(path), "--set", "training.threads=1", "--seeds", "2",
                        "--runs-dir", str(runs), "--resume-sweep", sweep_id]  # fmt: skip
     assert "run 2/2" not in out  # the sweep stopped with its first run
