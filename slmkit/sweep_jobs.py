@@ -297,6 +297,8 @@ def run_jobs(
                     command = child_command(sweep, member, threads, init_from, debug)
                     env = child_environment(slot, on_cuda[member.index])
                     running.append(Job(member, shown, slot, command, env))
+                    if stop.received is not None:  # it came while this one started
+                        running[-1].proc.send_signal(stop.received)
                     board.event(f"sweep {sweep.sweep_id}: {shown.name} started: "
                                 f"{' '.join(member.combo)}")  # fmt: skip
                 time.sleep(POLL_S)
