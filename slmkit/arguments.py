@@ -73,6 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2,...",
         help="run once per value (repeat for a grid of every combination); see docs/experiments.md",
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="N runs that differ only in experiment.seed: seed, seed+1, ..., seed+N-1 (the "
+        "sweep's last axis; [experiment] seeds lists them instead)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run up to K runs of a sweep at once, as separate processes sharing the CPU "
+        "threads (one CUDA device each where several exist); default 1: one after another here",
+    )
+    p.add_argument(
+        "--resume-sweep",
+        metavar="ID",
+        help="continue sweep ID (with the options it was started with): finished runs are "
+        "skipped, unfinished ones continue from their checkpoint",
+    )
+    # a run started by a sweep with --jobs: its sweep tag, as JSON (slmkit.sweep_jobs)
+    p.add_argument("--sweep-member", metavar="JSON", help=argparse.SUPPRESS)
 
     p = sub.add_parser("validate", help="check an experiment and print it resolved; train nothing")
     p.add_argument("experiment", help="experiment TOML file")
@@ -143,6 +166,10 @@ def check_args(args: argparse.Namespace) -> None:
     """Value checks argparse's types do not make; each error names the option."""
     if (getattr(args, "threads", None) or 0) < 0:
         raise SlmkitError("--threads: must be >= 0 (0: torch's own count)")
+    if getattr(args, "seeds", None) is not None and args.seeds < 1:
+        raise SlmkitError(f"--seeds: must be >= 1, got {args.seeds}")
+    if getattr(args, "jobs", 1) < 1:
+        raise SlmkitError(f"--jobs: must be >= 1, got {args.jobs}")
     if getattr(args, "max_new_tokens", 1) <= 0:
         raise SlmkitError("--max-new-tokens: must be > 0")
     if getattr(args, "temperature", 1.0) <= 0:

@@ -26,8 +26,10 @@ def _manager() -> PluginManager:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Train an experiment (or resume a run), or every run of a sweep."""
+    """Train an experiment (or resume a run), or every run of a sweep (:mod:`slmkit.sweep_run`)."""
     from slmkit.config.resolve import load_experiment
+    from slmkit.sweep import member_tag
+    from slmkit.sweep_plan import wants_sweep
     from slmkit.train import Trainer
 
     if args.resume and args.init_from:
@@ -37,70 +39,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     manager = _manager()
     if args.threads is not None:  # short for --set training.threads=N
         args.set = [*args.set, f"training.threads={args.threads}"]
-    if args.sweep:
-        return _run_sweep(args, manager)
     exp = load_experiment(args.experiment, manager, args.set)
+    if wants_sweep(args, exp):
+        from slmkit.sweep_run import run_sweep
+
+        return run_sweep(args, manager, exp)
+    sweep = member_tag(args.sweep_member) if args.sweep_member else None
     trainer = Trainer(
         exp, manager, args.experiment, resume=args.resume, init_from=args.init_from,
-        runs_dir=args.runs_dir, overrides=args.set,
+        runs_dir=args.runs_dir, overrides=args.set, sweep=sweep,
     )  # fmt: skip
     trainer.run()
-    return 0
-
-
-def _run_sweep(args: argparse.Namespace, manager: PluginManager) -> int:
-    """Run the grid one run after another, then print the sweep's table.
-
-    Every combination is resolved first, so a bad value stops the sweep before any run.
-    A run that fails is reported and the sweep goes on; Ctrl-C stops the whole sweep. All
-    it prints goes through one :class:`Console`, which goes quiet if the reader leaves
-    (``| head``) rather than stopping the sweep.
-    """
-    from pathlib import Path
-
-    from slmkit.config.resolve import load_experiment
-    from slmkit.distributed import World
-    from slmkit.errors import ConfigError, RunError
-    from slmkit.progress import Console
-    from slmkit.runs import list_runs
-    from slmkit.runs_table import runs_table
-    from slmkit.sweep import grid, new_sweep_id, parse_sweeps
-    from slmkit.train import Trainer
-
-    if args.resume:
-        raise SlmkitError("--sweep starts new runs; it cannot be combined with --resume")
-    if World.from_env().launched:  # one process group per process: one run per torchrun
-        raise SlmkitError(
-            "--sweep cannot run under torchrun; start one torchrun per combination with --set"
-        )
-    axes = parse_sweeps(args.sweep)
-    combos = grid(axes)
-    experiments = [load_experiment(args.experiment, manager, [*args.set, *c]) for c in combos]
-    sweep_id = new_sweep_id(experiments[0].experiment.name)
-    runs_dir = Path(args.runs_dir or experiments[0].experiment.runs_dir)
-    console = Console()
-    console.say(f"sweep {sweep_id}: {len(combos)} runs of {args.experiment}")
-    failed = []
-    for index, (exp, combo) in enumerate(zip(experiments, combos, strict=True)):
-        console.say(f"sweep {sweep_id}: run {index + 1}/{len(combos)}: {' '.join(combo)}")
-        tag = {"id": sweep_id, "index": index, "size": len(combos), "overrides": combo}
-        try:
-            Trainer(
-                exp, manager, args.experiment, init_from=args.init_from, runs_dir=runs_dir,
-                console=console, sweep=tag, overrides=[*args.set, *combo],
-            ).run()  # fmt: skip
-        except (RunError, ConfigError) as exc:
-            print(f"sweep {sweep_id}: run {index + 1} failed: {exc}", file=sys.stderr)
-            failed.append(index + 1)
-    records = list_runs(runs_dir, sweep=sweep_id)
-    records.sort(key=lambda r: r.sweep["index"] if r.sweep else 0)
-    console.say(f"\nsweep {sweep_id}: {len(records)} runs in {runs_dir}")
-    console.say(runs_table(records, [key for key, _ in axes]).rstrip("\n"))
-    console.say(
-        f"compare: slmkit compare --sweep {sweep_id} --runs-dir {runs_dir} --out report.html"
-    )
-    if failed:
-        raise RunError(f"sweep {sweep_id}: run(s) {', '.join(map(str, failed))} failed")
     return 0
 
 

@@ -74,6 +74,12 @@ class Console:
             self._line_open = False
         self._write(message + "\n")
 
+    def erase_lines(self, count: int) -> None:
+        """On a terminal, erase the ``count`` lines above the cursor and go back to the first
+        of them (a block of lines redrawn in place)."""
+        if self.live and count > 0 and not self.quiet:
+            self._write(f"\x1b[{count}F\x1b[J")  # cursor up to its first line, clear below
+
     def progress(
         self,
         step: int,

@@ -5,10 +5,13 @@
         tokenizer.json        the tokenizer's name and state
         log.jsonl             the events (slmkit.runlog)
         checkpoints/          step_<N>.pt and latest.pt (slmkit.checkpoint)
+        console.log           what the run printed, when a sweep ran it as a child process
+                              (``--jobs``, slmkit.sweep_jobs); appended line by line
 
-Every file slmkit writes goes through :func:`atomic_file`: a crash leaves the old file or
-the new one, never half of one, and at worst a temporary ``.<name>.<pid>.tmp`` beside it,
-which :func:`remove_orphaned_temps` deletes when a run next opens the folder.
+Every file slmkit writes whole (the logs grow line by line) goes through
+:func:`atomic_file`: a crash leaves the old file or the new one, never half of one, and at
+worst a temporary ``.<name>.<pid>.tmp`` beside it, which :func:`remove_orphaned_temps`
+deletes when a run next opens the folder.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from typing import IO, Any
 
 from slmkit.errors import RunError
 from slmkit.floor import FLOOR_FILE, Floor
+
+#: a run's console output, kept when a sweep runs it as a child process
+CONSOLE_LOG = "console.log"
 
 
 @contextlib.contextmanager

@@ -171,7 +171,8 @@ def test_the_parser_lists_every_command_and_its_arguments() -> None:
     assert fuzzed["sample"] == ["device", "max_new_tokens", "prompt", "run", "seed",
                                 "temperature", "top_k", "top_p"]  # fmt: skip
     assert fuzzed["run"] == [
-        "experiment", "init_from", "resume", "runs_dir", "set", "sweep", "threads",
+        "experiment", "init_from", "jobs", "resume", "resume_sweep", "runs_dir", "seeds", "set",
+        "sweep", "sweep_member", "threads",
     ]  # fmt: skip
 
 

@@ -29,13 +29,25 @@ def _below_seed_limit(_instance: Any, attribute: attrs.Attribute[Any], value: An
         raise OptionValueError(attribute.name, f"must be < 2**63, got {value!r}")
 
 
+def _seed_list(_instance: Any, attribute: attrs.Attribute[Any], value: list[int]) -> None:
+    """Every seed a valid ``seed``, none listed twice."""
+    for seed in value:
+        if not 0 <= seed < SEED_LIMIT:
+            raise OptionValueError(attribute.name, f"seeds must be in [0, 2**63), got {seed!r}")
+    repeated = sorted({seed for seed in value if value.count(seed) > 1})
+    if repeated:
+        raise OptionValueError(attribute.name, f"seed {repeated[0]} is listed twice")
+
+
 @attrs.define(frozen=True)
 class ExperimentSection:
-    """``[experiment]``: name, seed and where run folders go."""
+    """``[experiment]``: name, seed (or the seeds of replicates) and where run folders go."""
 
     name: str = "experiment"
     #: below 2**63: what every RNG a run seeds (torch's takes 64 bits) accepts
     seed: int = attrs.field(default=1337, validator=[non_negative, _below_seed_limit])
+    #: one run per seed, as a sweep (slmkit.sweep); each run's own experiment has none
+    seeds: list[int] = attrs.field(factory=list, validator=_seed_list)
     runs_dir: str = "runs"
 
 
@@ -225,8 +237,15 @@ class Experiment:
         return self.arrays.get("update_hooks", ())
 
     def to_dict(self) -> dict[str, Any]:
-        """The canonical nested dict: kernel keys and component options side by side."""
+        """The canonical nested dict: kernel keys and component options side by side.
+
+        ``experiment.seeds`` only when it lists seeds: it asks for a sweep, and every run of
+        one has its single seed, so run folders never hold it and the ``config_hash`` of a
+        run is what it was before the key existed.
+        """
         out: dict[str, Any] = {t: unstructure_section(getattr(self, t)) for t in SECTION_TABLES}
+        if not self.experiment.seeds:
+            del out["experiment"]["seeds"]
         for table, entries in self.arrays.items():
             out[table] = [unstructure_section(entry) for entry in entries]
         return out
