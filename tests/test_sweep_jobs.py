@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import assert_same_parameters, events, losses, merge, train
+from scipy import stats
 from test_sweep_seeds import run_main, sweep_id_of
 
 from slmkit import sweep_board
@@ -224,12 +226,13 @@ def by_index(runs: Path) -> list[Path]:
 def test_jobs_2_gives_bit_identical_results_to_jobs_1(write_experiment, tmp_path: Path) -> None:
     """The issue's test: 2 learning rates x 3 seeds, --jobs 2 against --jobs 1."""
     path = str(write_experiment())
-    results = {}
+    results, sweep_ids = {}, {}
     for jobs in ("1", "2"):
         runs = tmp_path / f"jobs{jobs}"
         code, out, err = run_main("run", path, "--runs-dir", str(runs), *GRID, "--jobs", jobs)
         assert code == 0, err
-        assert f"sweep {sweep_id_of(out)}: 6 runs of" in out
+        sweep_ids[jobs] = sweep_id_of(out)
+        assert f"sweep {sweep_ids[jobs]}: 6 runs of" in out
         results[jobs] = by_index(runs)
     one, two = results["1"], results["2"]
     assert [read_run(p).sweep["overrides"] for p in one] == [
@@ -246,6 +249,23 @@ def test_jobs_2_gives_bit_identical_results_to_jobs_1(write_experiment, tmp_path
         ]
         assert_same_parameters(a, b)
     assert len({tuple(losses(p)) for p in one}) == 6  # the seeds and rates do differ
+    # compare groups the --jobs 2 sweep by learning rate; its statistics, from the logs here
+    code, out, err = run_main("compare", "--sweep", sweep_ids["2"], "--runs-dir",
+                              str(tmp_path / "jobs2"), "--json")  # fmt: skip
+    assert code == 0, err
+    groups = json.loads(out)["groups"]
+    assert [(g["label"], g["n"]) for g in groups] == [
+        ("optimizer.learning_rate=0.001", 3), ("optimizer.learning_rate=0.003", 3)
+    ]  # fmt: skip
+    for group, members in zip(groups, (two[:3], two[3:]), strict=True):
+        finals = np.array([events(m, "eval")[-1]["val_loss"] for m in members])
+        half = stats.t.ppf(0.975, 2) * finals.std(ddof=1) / np.sqrt(3)
+        shown = group["metrics"]["val_loss"]
+        assert shown["mean"] == pytest.approx(finals.mean(), rel=1e-12)
+        assert shown["std"] == pytest.approx(finals.std(ddof=1), rel=1e-12)
+        assert (shown["ci_low"], shown["ci_high"]) == pytest.approx(
+            (finals.mean() - half, finals.mean() + half), rel=1e-12
+        )
 
 
 @pytest.mark.slow
