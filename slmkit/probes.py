@@ -102,7 +102,11 @@ class Probes:
             self.model.train(was_training)
 
     def _measure(self, probe: EnabledProbe, step: int) -> dict[str, Any]:
-        """One probe's metrics, checked; a parameter it changed fails naming it."""
+        """One probe's metrics, checked; a parameter it changed fails naming it.
+
+        Gradients it computed are dropped: the training step after the evaluation must
+        start from the gradients it would have had.
+        """
         entry, model = probe.entry, self.model
         tensors = [*model.named_parameters(), *model.named_buffers()]
         versions = [t._version for _, t in tensors]
@@ -112,7 +116,10 @@ class Probes:
             forward=functools.partial(forward_watching, model, probe.points),
             readout=model.readout, loss=model.loss,
         )  # fmt: skip
+        grads = [p.grad for p in model.parameters()]
         metrics = entry.call("measure", context)
+        for p, grad in zip(model.parameters(), grads, strict=True):
+            p.grad = grad  # gradients a probe computed (attribution, say) are dropped
         changed = [n for (n, t), v in zip(tensors, versions, strict=True) if t._version != v]
         if changed:
             raise HookFailure(f"{entry.label}.measure", entry.plugin, ParameterModified(changed))

@@ -260,7 +260,8 @@ def test_text_probes_read_seeded_windows_of_the_validation_split() -> None:
 
 
 class Meddler:
-    """A probe that draws from every global RNG and leaves the model in training mode."""
+    """A probe that draws from every global RNG, computes gradients and leaves the model in
+    training mode."""
 
     points = ("hook_embed",)
 
@@ -274,7 +275,9 @@ class Meddler:
         return torch.zeros(2, 4, dtype=torch.long)
 
     def measure(self, probe: slmkit.ProbeContext) -> dict[str, Any]:
-        _, seen = probe.forward(probe.tokens)
+        with torch.enable_grad():  # gradients (an attribution, say) are allowed, and dropped
+            logits, seen = probe.forward(probe.tokens)
+            logits.square().sum().backward()
         probe.model.train()
         return {"drawn": torch.rand(()).item() + random.random() + np.random.rand(),
                 "embed_norm": seen["hook_embed"].norm()}  # fmt: skip
