@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         plan = {"rounds": 1, "steps": 1, "alone": 1}
     elif args.quick:
-        plan = {"rounds": 3, "steps": 2, "alone": 2}
+        plan = {"rounds": 3, "steps": 3, "alone": 2}
     else:
         plan = {"rounds": 8, "steps": 4, "alone": 5}
     plan["rounds"] = args.rounds or plan["rounds"]
@@ -118,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{', '.join(PROBES)} (default options); the disabled tables build "
             + ("probes (!)" if disabled_builds else "nothing (trainer.probes is None)")
         )
-        step_seconds = contenders[0].steps(plan["steps"])  # also: a trained model to probe
-        for c in contenders[1:]:
-            c.steps(plan["steps"])
+        for c in contenders:
+            c.steps(1)  # warm-up: the first step pays for lazy initialisation
+        step_seconds = contenders[0].steps(plan["steps"])
         for c in contenders:
             c.trainer.state.step = t.max_steps  # the last step's evaluation: every probe due
             timed_evaluation(c)  # warm-up: the first pass pays for lazy initialisation
@@ -178,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print()
     share = "-" if run_share is None else f"{100 * run_share:.2f} %"
     print(
-        f"a training step: {step_ms:.0f} ms (median of {len(step_seconds)}); with "
+        f"a training step: {step_ms:.0f} ms (median of {len(step_seconds)}, after one "
+        f"untimed); with "
         f"eval_every = {t.eval_every}, the 4 probes add {added_ms:.0f} ms per "
         f"{t.eval_every} step(s) + 1 evaluation = {share} of the run's time"
     )
