@@ -7,6 +7,7 @@ each thing it does lives in a part of its own:
 
     Stepper     one optimizer step (precision, DDP, compile, update hooks)   stepper.py
     Evaluator   the validation loss, forward hooks watching                  evaluate.py
+    Probes      measurements on the probes' own inputs, at evaluations       probes.py
     TrainState  what a checkpoint holds: save, restore, resume checks        state.py
     StepMeter   loss, tokens/s and ETA, logged and shown                     progress.py
     StopSignals Ctrl-C / SIGTERM as "stop after this step"                   signals.py
@@ -91,8 +92,9 @@ class Trainer:
         self.tokenizer, self.data, self.model = parts.tokenizer, parts.data, parts.model
         if self.init is not None:
             self.init.apply(self.model)
-        # Forward hooks observe (and may write files): on rank 0 only, seeing its share.
+        # Forward hooks observe (and may write files), probes measure: on rank 0 only.
         self.forward_hooks = parts.forward_hooks if world.is_main else None
+        self.probes = parts.probes if world.is_main else None
         self.update_hooks, self.optimizer = parts.update_hooks, parts.optimizer
         self.schedule, precision = parts.schedule, parts.precision
         self.stepper = Stepper(
@@ -207,7 +209,8 @@ class Trainer:
 
     def _hooks(self) -> list[Any]:
         return [*(self.forward_hooks.hooks if self.forward_hooks else []),
-                *(self.update_hooks.hooks if self.update_hooks else [])]  # fmt: skip
+                *(self.update_hooks.hooks if self.update_hooks else []),
+                *(self.probes.hooks if self.probes else [])]  # fmt: skip
 
     def _bpc(self, loss: float) -> float:
         return bits_per_char(loss, self.data.splits.chars_per_token)
@@ -219,6 +222,8 @@ class Trainer:
                    **self.data.floor_metrics(val_loss)}  # fmt: skip
         self.state.record_eval(val_loss)
         run.log("eval", step=step, **metrics)
+        if self.probes is not None:  # measured on their own inputs, after the validation
+            self.probes.measure(run, step)
         self.console.say(f"step {step}: {eval_line(metrics)}")
         self.events("on_eval", run=run, step=step, metrics=metrics)
 
