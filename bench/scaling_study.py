@@ -73,14 +73,9 @@ def study(args: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
     from slmkit.plugins import PluginManager
     from slmkit.progress import Console
     from slmkit.runs import read_run
-    from slmkit.scaling_report import (
-        fit_runs,
-        report_html,
-        study_json,
-        study_png,
-        study_text,
-        write_output,
-    )
+    from slmkit.scaling_plot import study_png
+    from slmkit.scaling_report import report_html, study_json, study_text, write_output
+    from slmkit.scaling_runs import fit_runs
     from slmkit.train import Trainer
 
     study_started = time.perf_counter()

@@ -20,7 +20,7 @@ start), and each parameter's interval is the 2.5 and 97.5 percentiles of its ref
 percentile interval). The band of the fitted curve, the compute-optimal allocation and a
 held-out run's prediction get theirs the same way.
 
-Nothing here reads run folders; :mod:`slmkit.scaling_points` turns runs into points.
+Nothing here reads run folders; :mod:`slmkit.scaling_runs` turns runs into points.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ class Points:
 
     def distinct(self, law: Law) -> int:
         """How many different points the law can tell apart (``(N, D)`` or ``N``)."""
-        keys = zip(self.n, self.d, strict=True) if law.uses_tokens else zip(self.n, strict=False)
-        return len(set(keys))
+        keys = set(zip(self.n, self.d, strict=True)) if law.uses_tokens else set(self.n)
+        return len(keys)
 
     def describe(self) -> str:
         """``(N, D, L)`` of every point, for messages."""
@@ -295,14 +295,13 @@ class Fit:
 
     def predict_with_interval(self, n: float, d: float) -> Estimate:
         """The fitted loss at one point, with its bootstrap interval."""
-        draws = np.array([np.exp(log_loss(t, self.law, np.array([n]), np.array([d])))[0]
-                          for t in self.draws])  # fmt: skip
-        return _estimate(float(self.predict(n, d)[0]), draws)
+        low, high = self.band(np.array([n]), np.array([d]))
+        return Estimate(float(self.predict(n, d)[0]), float(low[0]), float(high[0]))
 
     def band(self, n: Array, d: Array) -> tuple[Array, Array]:
         """The bootstrap interval of the fitted curve at each ``(n, d)``: (low, high)."""
         n, d = np.broadcast_arrays(np.asarray(n, dtype=float), np.asarray(d, dtype=float))
-        curves = np.array([np.exp(log_loss(t, self.law, n, d)) for t in self.draws])
+        curves = np.exp(log_loss(self.draws, self.law, n, d))  # one row per refit
         low, high = np.percentile(curves, [50 * (1 - LEVEL), 50 * (1 + LEVEL)], axis=0)
         return low, high
 

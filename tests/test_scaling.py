@@ -26,7 +26,7 @@ from slmkit.cli import main
 from slmkit.config.resolve import load_experiment
 from slmkit.flops import apply_max_flops, steps_for_flops
 from slmkit.scaling import LAW_N, LAW_ND, FitError, Points, fit_law
-from slmkit.scaling_report import FIGURE_DPI, FIGURE_INCHES
+from slmkit.scaling_plot import FIGURE_DPI, FIGURE_INCHES
 
 TRUE_N = {"E": 1.5, "A": 30.0, "alpha": 0.35}
 TRUE_ND = {**TRUE_N, "B": 400.0, "beta": 0.3}
@@ -231,12 +231,12 @@ def test_unfinished_and_failed_runs_are_left_out_and_listed(law_runs: Path) -> N
     assert code == 0
     assert "fitted to 5 runs" in out
     assert out.splitlines()[-1] == (
-        "left out (2 not finished): broken (failed: hook exploded), killed (stopped)"
+        "left out (2): broken (failed: hook exploded), killed (stopped)"
     )
     code, _, err = run_main("scaling", "--runs-dir", str(law_runs), "broken", "killed")
     assert code == 2
-    assert err == ("slmkit: error: scaling: no finished run to fit (2 unfinished run(s) left "
-                   "out: broken (failed: hook exploded), killed (stopped))\n")  # fmt: skip
+    assert err == ("slmkit: error: scaling: no finished run to fit (2 run(s) left out: "
+                   "broken (failed: hook exploded), killed (stopped))\n")  # fmt: skip
 
 
 DIFFERENCES = [

@@ -1,8 +1,11 @@
-"""Runs as the points a scaling law is fitted to: ``N``, ``D`` and the final loss of each.
+"""Runs as a scaling study: the points a law is fitted to, the checks, the fit.
 
 ``N`` is the run's non-embedding parameters (``run_start.non_embedding_params``), ``D`` the
 training tokens it saw (steps x tokens per step) and ``L`` its last validation loss. Only
 finished runs with a finite loss are points; the others are left out, each with why.
+
+:func:`fit_runs` fits the law the points call for, with a held-out run kept out of the fit
+to be predicted, into a :class:`Study`.
 
 A fit compares losses, so the runs must measure them alike: on one corpus (the same
 ``data`` keys and the same text, by its sha256), one tokenizer (the same ``tokenizer``
@@ -25,6 +28,7 @@ from slmkit.run_segments import split_segments, started
 from slmkit.runfiles import as_int, read_log
 from slmkit.runs import MISSING, RunRecord, lookup
 from slmkit.runs_table import format_value
+from slmkit.scaling import LAW_N, LAW_ND, Estimate, Fit, Points, fit_law
 
 #: the experiment keys that decide the validation set, beside every data and tokenizer key
 VALIDATION_KEYS = ("model.context_length", "training.batch_size", "training.eval_batches")
@@ -127,3 +131,83 @@ def points_of(records: Sequence[RunRecord]) -> tuple[list[RunPoint], list[LeftOu
         else:
             left_out.append(point)
     return points, left_out
+
+
+# -- the fit of runs ----------------------------------------------------------------------
+
+
+@attrs.define(frozen=True)
+class Study:
+    """A fitted law with the runs behind it: what the command prints, draws and writes."""
+
+    fit: Fit
+    points: list[RunPoint]
+    left_out: list[LeftOut]
+    held_out: RunPoint | None
+    #: the FLOP budget of the compute-optimal allocation (``L(N, D)`` only)
+    budget: float | None
+
+    def prediction(self) -> Estimate | None:
+        """The held-out run's predicted loss, with its interval."""
+        h = self.held_out
+        return None if h is None else self.fit.predict_with_interval(h.n, h.d)
+
+    def allocation(self) -> dict[str, Estimate] | None:
+        """The compute-optimal ``N``, ``D`` and loss at :attr:`budget`."""
+        return None if self.budget is None else self.fit.allocation(self.budget)
+
+
+def fit_runs(
+    records: Sequence[RunRecord],
+    *,
+    leave_out: RunRecord | None = None,
+    budget: float | None = None,
+    resamples: int = 200,
+    seed: int = 0,
+) -> Study:
+    """Fit the law the runs call for; ``leave_out`` is kept out of the fit and predicted.
+
+    Raises :class:`SlmkitError` (one line) when the runs differ in corpus, tokenizer or
+    validation set, the held-out run cannot be predicted, the points are too few or the
+    fit does not converge.
+    """
+    held_dir = None if leave_out is None else leave_out.run_dir.resolve()
+    others = [r for r in records if r.run_dir.resolve() != held_dir]
+    points, left_out = points_of(others)
+    held: RunPoint | None = None
+    if leave_out is not None:
+        point = as_point(leave_out)
+        if isinstance(point, LeftOut):
+            raise SlmkitError(f"--leave-out {leave_out.run_id}: {point.why}; nothing to predict")
+        held = point
+    fitted = {p.run_id for p in points} | ({held.run_id} if held else set())
+    check_measured_alike([r for r in [*others, *([leave_out] if leave_out else [])]
+                          if r.run_id in fitted])  # fmt: skip
+    if not points:
+        raise SlmkitError("scaling: no finished run to fit" + _left_out_note(left_out))
+    tokens = {p.d for p in points}
+    law = LAW_ND if len(tokens) > 1 else LAW_N
+    if held is not None and law is LAW_N and held.d not in tokens:
+        raise SlmkitError(
+            f"--leave-out {held.run_id}: it saw D = {held.d:,} tokens, the fitted runs "
+            f"D = {next(iter(tokens)):,}; L(N) holds at their D only"
+        )
+    data = Points.of([p.n for p in points], [p.d for p in points], [p.loss for p in points])
+    try:
+        fit = fit_law(law, data, resamples=resamples, seed=seed)
+    except SlmkitError as exc:
+        raise SlmkitError(f"scaling: {exc}{_left_out_note(left_out)}") from None
+    if law is LAW_ND and budget is None:  # the largest budget a fitted run spent
+        budget = max(6.0 * p.n * p.d for p in points)
+    return Study(fit, points, left_out, held, budget if law is LAW_ND else None)
+
+
+def _left_out_note(left_out: Sequence[LeftOut]) -> str:
+    if not left_out:
+        return ""
+    return f" ({len(left_out)} run(s) left out: {left_out_text(left_out)})"
+
+
+def left_out_text(left_out: Sequence[LeftOut]) -> str:
+    """``id (why), id (why)``."""
+    return ", ".join(f"{r.run_id} ({r.why})" for r in left_out)
