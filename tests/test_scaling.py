@@ -223,6 +223,22 @@ def test_the_report_embeds_the_picture_and_the_png_is_written(law_runs: Path, tm
     assert "http://" not in html.replace("http://www.w3.org", "")  # self-contained
 
 
+def test_a_sweep_is_fitted_in_its_order_with_its_largest_run_held_out(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    for i, (n, loss) in enumerate(zip(SIZES, noisy(law_n(SIZES), seed=3), strict=True)):
+        sweep = {"id": "sweep-x", "index": i, "size": 6, "overrides": [f"model.d_model={i}"]}
+        fake_run(root, f"s{5 - i}", n, 1000, float(loss), sweep=sweep)  # ids against the order
+    fake_run(root, "other", 20_000, 1000, 2.5)  # not of the sweep
+    code, out, _ = run_main("scaling", "--runs-dir", str(root), "--sweep", "sweep-x",
+                            "--leave-out", "s0", "--resamples", "20", "--json")  # fmt: skip
+    assert code == 0
+    result = json.loads(out)
+    assert [p["run_id"] for p in result["points"]] == ["s5", "s4", "s3", "s2", "s1"]
+    assert result["held_out"]["run_id"] == "s0" and abs(result["held_out"]["error"]) < 0.05
+    code, _, err = run_main("scaling", "--runs-dir", str(root), "--sweep", "sweep-y")
+    assert (code, err) == (2, f"slmkit: error: --sweep sweep-y: no runs of that sweep in {root}\n")
+
+
 def test_unfinished_and_failed_runs_are_left_out_and_listed(law_runs: Path) -> None:
     fake_run(law_runs, "broken", 50_000, 600, 2.0, end="run_failed")
     fake_run(law_runs, "killed", 60_000, 600, 2.0, end="")
