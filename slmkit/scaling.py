@@ -146,7 +146,7 @@ def _terms(theta: Array, law: Law, log_n: Array, log_d: Array) -> Array:
     x points).
     """
     t = theta[..., None]  # each parameter against every point
-    rows = [t[..., 0, :] + 0 * log_n, t[..., 1, :] - t[..., 2, :] * log_n]
+    rows = [t[..., 0, :] + np.zeros_like(log_n), t[..., 1, :] - t[..., 2, :] * log_n]
     if law.uses_tokens:
         rows.append(t[..., 3, :] - t[..., 4, :] * log_d)
     return np.stack(rows, axis=-2)
@@ -193,9 +193,10 @@ def best_fit(law: Law, points: Points, grid: Array, n_starts: int,
     """The lowest Huber loss BFGS reaches: ``(theta, loss)``; None when no end is finite.
 
     The loss is computed at every start of ``grid`` first (cheap), and the optimiser
-    starts from the ``n_starts`` lowest, and from each of ``extra``. BFGS, unbounded as in
-    Hoffmann et al.: L-BFGS-B's bounds would cost more time in its BLAS calls than the fit
-    itself on a busy machine. Whether the end is a law is :func:`out_of_range`'s call.
+    starts from the ``n_starts`` lowest, and from each of ``extra``. BFGS, unbounded like
+    Hoffmann et al.'s L-BFGS: L-BFGS-B's bounds cost more time in its BLAS calls than the
+    fit itself on a busy machine (OpenBLAS threads waiting for cores). Whether the end is
+    a law is :func:`out_of_range`'s call.
     """
     log_n, log_d, log_l = np.log(points.n), np.log(points.d), np.log(points.loss)
     order = np.argsort(_huber_losses(grid, law, log_n, log_d, log_l), kind="stable")
