@@ -70,6 +70,17 @@ class LanguageModel(nn.Module):
         """Number of parameters (shared tensors counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def n_non_embedding_params(self) -> int:
+        """Parameters outside the vocabulary and position tables: the ``N`` of scaling laws.
+
+        Like Kaplan et al. (2020), the token embedding, the position embedding and the
+        output head (the unembedding, a vocabulary table too; the same tensor when tied) are
+        left out, so the count does not depend on the tokenizer's vocabulary.
+        """
+        tables = {id(m.weight) for m in (self.tok_emb, self.pos_emb, self.head) if m is not None}
+        return sum(p.numel() for p in self.parameters() if id(p) not in tables)
+
     def nonfinite_parameters(self) -> list[str]:
         """Names of the parameters that hold a NaN or an infinity (one device read)."""
         named = list(self.named_parameters())

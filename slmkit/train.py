@@ -27,6 +27,7 @@ from slmkit.distributed import World
 from slmkit.evaluate import Evaluator, bits_per_char, log_sample
 from slmkit.failures import failures_reported
 from slmkit.floor import read_floor
+from slmkit.flops import apply_max_flops
 from slmkit.plugins import PluginManager, RunEvents
 from slmkit.progress import Console, StepMeter, eval_line
 from slmkit.run import Run
@@ -64,6 +65,8 @@ class Trainer:
         self.overrides = list(overrides)  # the --set values behind exp: the resume hint's
         # Under torchrun only rank 0 talks to the user and writes files.
         self.world = World.from_env()
+        # training.max_flops decides max_steps before anything reads it (slmkit/flops.py)
+        self.exp, self.budget = apply_max_flops(exp, self.world.world_size)
         self.console = (console or Console()) if self.world.is_main else Console(quiet=True)
         self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
         self.device = self.world.place(resolve_device(exp.training.device, source), source)
@@ -188,6 +191,8 @@ class Trainer:
         """Log ``run_start``, say what trains where, start the hooks, call on_run_start."""
         t = self.exp.training
         run.log("run_start", **self._run_start_fields())
+        if self.budget is not None:
+            self.console.say(self.budget.describe())
         warning = self.data.unknown_warning()
         if warning is not None:
             run.log("data_warning", message=warning)
@@ -275,9 +280,11 @@ class Trainer:
             "slmkit_version": __version__,
             **environment(self.device),
             "n_params": self.model.n_params,
+            "non_embedding_params": self.model.n_non_embedding_params,
             "seed": exp.experiment.seed,
             **self.data.describe(exp.data.corpus),  # corpus, train_tokens, val_tokens
             "max_steps": exp.training.max_steps,
+            "max_steps_from_flops": self.budget is not None,
             "resumed_from_step": self.state.step if self.resume is not None else None,
             "init_from": str(self.init.path) if self.init is not None else None,
             "pid": os.getpid(),  # lets `slmkit runs` tell a live run from a killed one

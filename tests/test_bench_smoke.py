@@ -78,6 +78,13 @@ CASES = [
         marks=pytest.mark.slow,  # four training subprocesses, two of them torchrun
     ),
     pytest.param(
+        "scaling_study",
+        ["--smoke", "--resamples", "10"],
+        {"config", "runs", "fit", "wall_s"},
+        id="scaling_study",
+        marks=pytest.mark.slow,  # six runs, each reading and encoding the corpus
+    ),
+    pytest.param(
         "bpe",
         ["--quick"],
         {"cases", "repeats"},

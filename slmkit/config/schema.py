@@ -137,6 +137,8 @@ class TrainingSection:
     #: micro-batches per optimizer step: the effective batch is batch_size x this
     grad_accum_steps: int = attrs.field(default=1, validator=positive)
     max_steps: int = attrs.field(default=2000, validator=positive)
+    #: a compute budget in FLOPs (0: none); when set it decides max_steps (slmkit/flops.py)
+    max_flops: float = attrs.field(default=0.0, validator=non_negative)
     eval_every: int = attrs.field(default=200, validator=non_negative)
     eval_batches: int = attrs.field(default=20, validator=positive)
     checkpoint_every: int = attrs.field(default=200, validator=non_negative)
@@ -272,6 +274,6 @@ class Experiment:
 
     @property
     def config_hash(self) -> str:
-        """What defines the experiment, hashed: every key but ``training.max_steps`` and
-        ``training.threads`` (:func:`slmkit.config.diff.config_hash`)."""
+        """What defines the experiment, hashed: every key but ``training.max_steps``,
+        ``training.max_flops`` and ``training.threads`` (:func:`slmkit.config.diff.config_hash`)."""
         return config_hash(self.to_dict())
