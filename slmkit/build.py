@@ -34,8 +34,8 @@ from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
 from slmkit.options import OptionValueError
 from slmkit.plugins import PluginManager
+from slmkit.precision import Precision
 from slmkit.probes import Probes, build_probes
-from slmkit.stepper import Precision
 
 
 def construct(exp: Experiment, section: Any, table: str, *args: Any) -> Any:
@@ -293,6 +293,7 @@ def build_parts(
     rank: int = 0,
     world_size: int = 1,
     meta: bool = False,
+    started_precision: str | None = None,
 ) -> Parts:
     """Every part a run of ``exp`` on ``device`` needs; every check of the input happens here.
 
@@ -300,6 +301,8 @@ def build_parts(
     ``floor`` is the corpus's floor the run folder keeps (resume: not computed again).
     ``meta`` builds the model on the meta device (sizes, no weights): what ``slmkit
     validate`` does, so that it refuses exactly what a run would refuse before training.
+    ``started_precision`` is the resumed checkpoint's: the run keeps it
+    (:meth:`Precision.of`).
     """
     tokenizer = build_tokenizer(exp)
     if tokenizer_state is not None:
@@ -319,7 +322,7 @@ def build_parts(
         model = build_model(exp, tokenizer)
     if not meta:
         model = model.to(device)
-    precision = Precision.of(exp, device)
+    precision = Precision.of(exp, device, started_precision)
     return Parts(
         tokenizer=tokenizer,
         data=data,

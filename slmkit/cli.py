@@ -75,6 +75,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(exp.to_toml(), end="")
     print(f"# parameters: {model.n_params:,} ({model.n_params})")
     print(f"# non-embedding parameters: {model.n_non_embedding_params:,}")
+    print(f"# precision: {parts.precision.label} on {device}")
     if budget is not None:
         print(f"# {budget.describe()}")
     print(

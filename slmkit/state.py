@@ -60,6 +60,12 @@ class Resume:
         """The run id it was written under."""
         return str(self.payload.get("run_id") or self.run_dir.name)
 
+    @property
+    def precision(self) -> str | None:
+        """The precision the run computed in (None: a checkpoint from before it was kept)."""
+        precision = self.payload.get("precision")
+        return None if precision is None else str(precision)
+
 
 def resume_folder(resume: Path) -> Path:
     """The run folder ``--resume`` continues: ``resume`` itself, or the one its file is in.
@@ -236,6 +242,7 @@ class TrainState:
             if self.stepper.update_hooks
             else [],
             "grad_scaler": scaler.state_dict() if scaler else {},
+            "precision": parts.precision.name,  # a resume keeps it, whatever "auto" says
             "rng": checkpoint.rng_state(),
             "experiment": self.exp.to_dict(),
             "tokenizer": tokenizer_record(self.exp, self.tokenizer),
@@ -271,6 +278,8 @@ class TrainState:
                 f"warning: the checkpoint was written with {saved_threads} threads, this "
                 f"process uses {torch.get_num_threads()}: losses may differ in the last bits"
             )
+        if self.stepper.precision.note is not None:  # "auto" would choose another here
+            console.say(f"warning: {self.stepper.precision.note}")
         # A run of N ranks saved every rank's RNG state; a single process saved one.
         per_rank = payload.get("rng_per_rank")
         rng = per_rank[self.stepper.world.rank] if per_rank is not None else payload["rng"]

@@ -6,10 +6,10 @@
 A step whose loss or gradients are not finite is never applied. Under ``on_nonfinite =
 "skip"`` an applied update that leaves a weight non-finite is undone (:class:`UpdateUndo`).
 
-:class:`Precision` decides the autocast dtype and, for fp16, the gradient scaler.
-:class:`Stepper` owns the training-mode model: wrapped in DDP under torchrun (gradients
-are all-reduced on the last micro-batch only) and compiled when asked, falling back to
-eager once, with a warning, where compiling fails.
+A :class:`~slmkit.precision.Precision` decides the autocast dtype and, for fp16, the
+gradient scaler. :class:`Stepper` owns the training-mode model: wrapped in DDP under
+torchrun (gradients are all-reduced on the last micro-batch only) and compiled when asked,
+falling back to eager once, with a warning, where compiling fails.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import contextlib
 import copy
 from typing import Any
 
-import attrs
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -27,41 +26,12 @@ from slmkit.components import Schedule
 from slmkit.config.schema import Experiment
 from slmkit.data import BatchStream
 from slmkit.distributed import World
-from slmkit.errors import ConfigError, HookFailure, RunError, first_line
+from slmkit.errors import HookFailure, RunError, first_line
 from slmkit.hooks import ForwardHooks, UpdateHooks
 from slmkit.model import LanguageModel
+from slmkit.precision import Precision
 from slmkit.progress import Console
 from slmkit.run import Run
-
-
-@attrs.define
-class Precision:
-    """The autocast dtype of forward passes (None: fp32) and fp16's gradient scaler."""
-
-    dtype: torch.dtype | None
-    device: torch.device
-    scaler: torch.amp.GradScaler | None = None
-
-    @classmethod
-    def of(cls, exp: Experiment, device: torch.device) -> Precision:
-        """``training.precision`` on ``device``; fp16 needs CUDA."""
-        precision = exp.training.precision
-        if precision == "fp32":
-            return cls(None, device)
-        if precision == "bf16":
-            return cls(torch.bfloat16, device)
-        if device.type != "cuda":
-            raise ConfigError(
-                exp.source, "training.precision",
-                f'"fp16" needs a CUDA device (this run is on {device}); use "bf16"',
-            )  # fmt: skip
-        return cls(torch.float16, device, torch.amp.GradScaler("cuda"))
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """Mixed precision for a forward pass (a no-op for fp32)."""
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
 class UpdateUndo:

@@ -89,8 +89,9 @@ class Trainer:
         saved = None if start is None else start.payload["tokenizer"]["state"]
         floor = read_floor(self.resume.run_dir) if self.resume else None  # computed once
         parts = build_parts(
-            exp, device, tokenizer_state=saved, floor=floor,
-            rank=world.rank, world_size=world.world_size,
+            exp, device, tokenizer_state=saved, floor=floor, rank=world.rank,
+            world_size=world.world_size,
+            started_precision=self.resume.precision if self.resume else None,
         )  # every rank builds everything, so every rank refuses the same input  # fmt: skip
         self.tokenizer, self.data, self.model = parts.tokenizer, parts.data, parts.model
         if self.init is not None:
@@ -199,7 +200,8 @@ class Trainer:
             self.console.say(f"warning: {warning}")
         self.console.say(
             f"{'resuming' if self.resume else 'run'} {run.run_id}: "
-            f"{self.model.n_params:,} parameters on {self.device}, "
+            f"{self.model.n_params:,} parameters on {self.device} "
+            f"({self.stepper.precision.label}), "
             f"{len(self.data.splits.train):,} training tokens -> {run.run_dir}"
         )
         if self.world.launched:
@@ -282,6 +284,7 @@ class Trainer:
             "n_params": self.model.n_params,
             "non_embedding_params": self.model.n_non_embedding_params,
             "seed": exp.experiment.seed,
+            **self.stepper.precision.describe(),  # precision, precision_requested
             **self.data.describe(exp.data.corpus),  # corpus, train_tokens, val_tokens
             "max_steps": exp.training.max_steps,
             "max_steps_from_flops": self.budget is not None,
