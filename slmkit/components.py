@@ -337,7 +337,8 @@ class BlockFactory(Protocol):
 class OptimizerFactory(Protocol):
     """``factory(options, param_groups)`` -> a ``torch.optim.Optimizer``.
 
-    Each group is a dict with ``params``, ``lr`` and ``decay`` (True for weight matrices);
+    Each group is a dict with ``params``, ``names`` (theirs in the model, in the same
+    order), ``lr`` and ``decay`` (True for weight matrices);
     :func:`slmkit.weight_decay_groups` maps ``decay`` to torch's ``weight_decay``.
     """
 

@@ -68,11 +68,11 @@ def register_optimizers(register: Register) -> None:
 
     Called once at start-up. ``factory(options, param_groups)`` returns a
     ``torch.optim.Optimizer`` (see :class:`slmkit.OptimizerFactory`). ``param_groups`` is a
-    list of dicts, each with ``params``, ``lr`` (the experiment's
-    ``optimizer.learning_rate``) and ``decay`` (True for weight matrices, False for biases,
-    norms and embeddings); the optimizer decides what ``decay`` means for it
-    (:func:`slmkit.weight_decay_groups` maps it to torch's ``weight_decay``). The
-    experiment picks one with ``[optimizer] name = "..."``.
+    list of dicts, each with ``params``, ``names`` (their names in the model, in the same
+    order), ``lr`` (the experiment's ``optimizer.learning_rate``) and ``decay`` (True for
+    weight matrices, False for biases, norms and embeddings); the optimizer decides what
+    ``decay`` means for it (:func:`slmkit.weight_decay_groups` maps it to torch's
+    ``weight_decay``). The experiment picks one with ``[optimizer] name = "..."``.
     """
 
 

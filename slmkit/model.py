@@ -93,19 +93,21 @@ class LanguageModel(nn.Module):
         """Optimizer groups: weight matrices decay; biases, norms and embeddings do not.
 
         Embeddings are lookup tables, not maps, and decaying norm gains or biases only
-        pulls them towards zero without regularising anything.
+        pulls them towards zero without regularising anything. Each group also lists its
+        parameters' ``names`` (``blocks.0.attn.qkv.weight``), in the order of ``params``.
         """
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        for p in self.parameters():
+        groups: dict[bool, dict[str, Any]] = {
+            decay: {"params": [], "names": [], "lr": learning_rate, "decay": decay}
+            for decay in (True, False)
+        }
+        for name, p in self.named_parameters():  # a tied matrix once, under its first name
             if not p.requires_grad:
                 continue
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-        return [
-            {"params": decay, "lr": learning_rate, "decay": True},
-            {"params": no_decay, "lr": learning_rate, "decay": False},
-        ]
+            group = groups[p.dim() >= 2 and id(p) not in embeddings]
+            group["params"].append(p)
+            group["names"].append(name)
+        return [groups[True], groups[False]]
 
     def forward(
         self,

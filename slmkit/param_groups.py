@@ -1,9 +1,10 @@
 """Parameters by role: which layer a parameter belongs to, and weight decay by group.
 
 The kernel hands every optimizer factory its parameter groups, each a dict with
-``params``, ``lr`` and ``decay`` (True for weight matrices; False for biases, norm gains
-and embeddings). :func:`weight_decay_groups` turns ``decay`` into the ``weight_decay`` that
-torch optimizers read, so each optimizer plugin does not write that mapping again.
+``params``, ``names`` (the parameters' names in the model), ``lr`` and ``decay`` (True
+for weight matrices; False for biases, norm gains and embeddings).
+:func:`weight_decay_groups` turns ``decay`` into the ``weight_decay`` that torch
+optimizers read, so each optimizer plugin does not write that mapping again.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "slmkit_builtin.bpe",
     "slmkit_builtin.gpt",
     "slmkit_builtin.adamw",
+    "slmkit_builtin.muon",
     "slmkit_builtin.corpora",
     "slmkit_builtin.synthetic",
     "slmkit_builtin.constant",

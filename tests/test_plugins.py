@@ -41,6 +41,7 @@ def test_builtins_provide_the_reference_components(manager: PluginManager) -> No
         ("tokenizer", "bpe"): "slmkit_builtin.bpe",
         ("block", "gpt"): "slmkit_builtin.gpt",
         ("optimizer", "adamw"): "slmkit_builtin.adamw",
+        ("optimizer", "muon"): "slmkit_builtin.muon",
         ("schedule", "constant"): "slmkit_builtin.constant",
         ("schedule", "cosine"): "slmkit_builtin.schedules",
         ("schedule", "linear"): "slmkit_builtin.schedules",
