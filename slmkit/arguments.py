@@ -140,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="the group of seeds the others are tested against (default: the first group)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("scaling", help="fit a scaling law to runs' final validation losses")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders or run ids")
+    p.add_argument("--sweep", metavar="ID", help="add every run of this sweep")
+    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs)")
+    p.add_argument(
+        "--leave-out",
+        metavar="RUN",
+        help="keep this run out of the fit and compare its final loss with the prediction",
+    )
+    p.add_argument(
+        "--budget",
+        type=finite_float,
+        metavar="FLOPS",
+        help="the compute C = 6ND of the compute-optimal allocation (default: the largest "
+        "fitted run's)",
+    )
+    p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap (default 0)")
+    p.add_argument("--out", metavar="REPORT.html", help="write a self-contained HTML report")
+    p.add_argument("--png", metavar="FILE.png", help="write the log-log picture as a PNG")
+    p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -182,5 +204,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise SlmkitError("--top-p: must be in (0, 1]")
     if not 0 <= getattr(args, "seed", 0) < 2**63:
         raise SlmkitError("--seed: must be in [0, 2**63)")
+    if getattr(args, "budget", None) is not None and args.budget <= 0:
+        raise SlmkitError("--budget: must be > 0 FLOPs")
+    if getattr(args, "resamples", 10) < 10:
+        raise SlmkitError("--resamples: must be >= 10")
     if getattr(args, "runs_dir", None) == "":  # run: "" would mean the current folder
         raise SlmkitError("--runs-dir: must name a folder")

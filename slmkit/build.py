@@ -34,6 +34,7 @@ from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
 from slmkit.options import OptionValueError
 from slmkit.plugins import PluginManager
+from slmkit.probes import Probes, build_probes
 from slmkit.stepper import Precision
 
 
@@ -280,6 +281,7 @@ class Parts:
     update_hooks: UpdateHooks | None
     optimizer: torch.optim.Optimizer
     schedule: Schedule
+    probes: Probes | None = None
 
 
 def build_parts(
@@ -327,6 +329,9 @@ def build_parts(
         update_hooks=build_update_hooks(exp, model),
         optimizer=build_optimizer(exp, model),
         schedule=build_schedule(exp),
+        probes=build_probes(
+            exp, _enabled(exp, "probe", "probes"), model, tokenizer, data.splits.val
+        ),
     )
 
 

@@ -1,4 +1,4 @@
-"""The ``slmkit`` command line: run, validate, plugins, sample, eval, runs, compare."""
+"""The ``slmkit`` command line: run, validate, plugins, sample, eval, runs, compare, scaling."""
 
 from __future__ import annotations
 
@@ -62,9 +62,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """
     from slmkit.build import build_parts, resolve_device
     from slmkit.config.resolve import load_experiment
+    from slmkit.flops import apply_max_flops
 
     manager = _manager()
-    exp = load_experiment(args.experiment, manager, args.set)
+    exp, budget = apply_max_flops(load_experiment(args.experiment, manager, args.set))
     device = resolve_device(exp.training.device, args.experiment)
     parts = build_parts(exp, device, meta=True)
     model, splits = parts.model, parts.data.splits
@@ -73,6 +74,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"# plugins: {', '.join(exp.participants)}")
     print(exp.to_toml(), end="")
     print(f"# parameters: {model.n_params:,} ({model.n_params})")
+    print(f"# non-embedding parameters: {model.n_non_embedding_params:,}")
+    if budget is not None:
+        print(f"# {budget.describe()}")
     print(
         f"# data: {splits.n_chars:,} characters, {len(splits.train):,} training and "
         f"{len(splits.val):,} validation tokens"
@@ -214,6 +218,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scaling(args: argparse.Namespace) -> int:
+    """Fit a scaling law to runs' final validation losses; print, draw and report it."""
+    from slmkit.scaling_report import scaling_command
+
+    return scaling_command(args)
+
+
 #: each command's function, by the name the command line uses
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
@@ -223,6 +234,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": cmd_eval,
     "runs": cmd_runs,
     "compare": cmd_compare,
+    "scaling": cmd_scaling,
 }
 
 

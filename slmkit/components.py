@@ -250,6 +250,68 @@ class UpdateHook(Protocol):
         """Transform ``p.grad`` of the named parameters at optimizer step ``step`` (from 1)."""
 
 
+@attrs.define(frozen=True)
+class ProbeSetup:
+    """What :meth:`Probe.inputs` receives to make the probe's fixed batch (once, at build).
+
+    ``ProbeSetup(dims, tokenizer, generator, val_tokens)``.
+    """
+
+    dims: ModelDims
+    tokenizer: Tokenizer
+    #: seeded with the ``[[probes]]`` table's ``seed``: draw every random choice from it,
+    #: never from torch's global RNG
+    generator: torch.Generator
+    #: the validation split's token ids (1-D, on the CPU), for probes that read real text
+    val_tokens: torch.Tensor
+
+
+@attrs.define(frozen=True)
+class ProbeContext:
+    """What :meth:`Probe.measure` receives at an evaluation.
+
+    The model is in eval mode and gradients are off; ``tokens`` is the probe's fixed batch
+    on the model's device. ``forward(tokens)`` runs the model on ``tokens`` (at most
+    ``context_length`` positions) and returns its logits ``(batch, time, vocab)`` and the
+    activations at the probe's hook points, ``{point: tensor}`` in the model's order
+    (``blocks.0...`` first); only those points are watched, so an attention pattern is
+    computed only when the probe asks for it. ``readout(residual)`` maps a residual stream
+    through the final norm and the head to logits; ``loss(logits, targets)`` is the mean
+    cross-entropy the model trains on.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    dims: ModelDims
+    #: the optimizer step of this evaluation
+    step: int
+    tokens: torch.Tensor
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    readout: Callable[[torch.Tensor], torch.Tensor]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Probe(Protocol):
+    """Measures the model on inputs of its own at evaluations; built by ``factory(options)``.
+
+    ``points`` are globs of the hook points it reads (each must match a point of the
+    model, or the experiment is refused naming the probe and the point). ``inputs(setup)``
+    returns its fixed batch of token ids ``(batch, time)``, drawn once with
+    ``setup.generator``. At every ``every``-th evaluation (and the last) ``measure(probe)``
+    returns its metrics: each a number, a list of numbers (one per layer) or a list of
+    lists (``[layer][head]``); tensors are fine. The kernel logs them as a ``probe``
+    event. A probe may also define ``start(run)``.
+    """
+
+    points: Sequence[str]
+
+    def inputs(self, setup: ProbeSetup) -> torch.Tensor:
+        """The probe's fixed batch of token ids, ``(batch, time)``."""
+
+    def measure(self, probe: ProbeContext) -> dict[str, Any]:
+        """The metrics of this evaluation."""
+
+
 # ---------------------------------------------------------------------------------------
 # Factories: what ``register(name, factory, options=...)`` receives, one type per kind.
 # Options come first; a factory may raise OptionValueError for a bad combination of them.
@@ -306,6 +368,12 @@ class UpdateHookFactory(Protocol):
     """``factory(options)`` -> an :class:`UpdateHook`."""
 
     def __call__(self, options: Any, /) -> UpdateHook: ...
+
+
+class ProbeFactory(Protocol):
+    """``factory(options)`` -> a :class:`Probe`."""
+
+    def __call__(self, options: Any, /) -> Probe: ...
 
 
 class Register(Protocol):

@@ -114,6 +114,24 @@ def register_update_hooks(register: Register) -> None:
     """
 
 
+@hookspec
+def register_probes(register: Register) -> None:
+    """Register probe components (measurements of the model on inputs of their own).
+
+    Called once at start-up. ``factory(options)`` returns a :class:`slmkit.Probe`: its
+    ``points`` (globs of the hook points it reads), ``inputs(setup)`` making its fixed
+    batch of token ids once, with ``setup.generator`` (seeded by the table's ``seed``,
+    never torch's global RNG), and ``measure(probe)`` returning its metrics at an
+    evaluation: numbers, per-layer lists or ``[layer][head]`` lists, logged as a
+    ``probe`` event. ``probe`` is a :class:`slmkit.ProbeContext`: the model in eval mode
+    without gradients, the batch, and ``forward(tokens)`` returning the logits and the
+    activations at the probe's points. The experiment enables probes in ``[[probes]]``
+    tables; ``every`` counts evaluations. A probe cannot change the run: the kernel puts
+    back torch's RNG state and the model's mode after it, and a probe that changes a
+    parameter fails naming it; a run with probes trains bit for bit as one without.
+    """
+
+
 # ---------------------------------------------------------------------------------------
 # Run events: observers, like Lightning callbacks. Called only on the plugins that take
 # part in the run; return values are ignored. ``run`` is the live :class:`slmkit.Run`

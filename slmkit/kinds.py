@@ -51,4 +51,6 @@ KINDS: tuple[Kind, ...] = (
          schema.ForwardHookSection, components.ForwardHookFactory, many=True),
     Kind("update_hook", "register_update_hooks", "update_hooks", "name",
          schema.UpdateHookSection, components.UpdateHookFactory, many=True),
+    Kind("probe", "register_probes", "probes", "name",
+         schema.ProbeSection, components.ProbeFactory, many=True),
 )  # fmt: skip

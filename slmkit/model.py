@@ -70,6 +70,17 @@ class LanguageModel(nn.Module):
         """Number of parameters (shared tensors counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def n_non_embedding_params(self) -> int:
+        """Parameters outside the vocabulary and position tables: the ``N`` of scaling laws.
+
+        Like Kaplan et al. (2020), the token embedding, the position embedding and the
+        output head (the unembedding, a vocabulary table too; the same tensor when tied) are
+        left out, so the count does not depend on the tokenizer's vocabulary.
+        """
+        tables = {id(m.weight) for m in (self.tok_emb, self.pos_emb, self.head) if m is not None}
+        return sum(p.numel() for p in self.parameters() if id(p) not in tables)
+
     def nonfinite_parameters(self) -> list[str]:
         """Names of the parameters that hold a NaN or an infinity (one device read)."""
         named = list(self.named_parameters())
@@ -118,15 +129,29 @@ class LanguageModel(nn.Module):
             x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, BlockContext(positions, caches[layer] if caches else None))
-        logits = self.head(self.ln_f(x))
+        logits = self.readout(x)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(
+        return logits, self.loss(logits, targets)
+
+    def readout(self, residual: torch.Tensor) -> torch.Tensor:
+        """Logits of a residual stream ``(..., d_model)``: the final norm, then the head.
+
+        What the model does to the last block's output; a probe reading an earlier layer's
+        residual stream this way gets the logit lens (nostalgebraist, 2020).
+        """
+        return self.head(self.ln_f(residual))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean next-token cross-entropy the model trains on (padding ignored).
+
+        ``logits`` ``(batch, time, vocab)``, ``targets`` ``(batch, time)``; computed in float32.
+        """
+        return F.cross_entropy(
             logits.flatten(0, 1).float(),
             targets.flatten(),
             ignore_index=IGNORE_INDEX if self.pad_id is None else self.pad_id,
         )
-        return logits, loss
 
     def tie_embeddings(self) -> None:
         """Share one matrix between the token embedding and the head (Press & Wolf, 2017).

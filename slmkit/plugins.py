@@ -38,6 +38,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "slmkit_builtin.schedules",
     "slmkit_builtin.forward_hooks",
     "slmkit_builtin.update_hooks",
+    "slmkit_builtin.probes",
 )
 ENTRY_POINT_GROUP = "slmkit"
 #: comma-separated plugin distributions to load from entry points (empty: none)

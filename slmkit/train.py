@@ -7,6 +7,7 @@ each thing it does lives in a part of its own:
 
     Stepper     one optimizer step (precision, DDP, compile, update hooks)   stepper.py
     Evaluator   the validation loss, forward hooks watching                  evaluate.py
+    Probes      measurements on the probes' own inputs, at evaluations       probes.py
     TrainState  what a checkpoint holds: save, restore, resume checks        state.py
     StepMeter   loss, tokens/s and ETA, logged and shown                     progress.py
     StopSignals Ctrl-C / SIGTERM as "stop after this step"                   signals.py
@@ -26,6 +27,7 @@ from slmkit.distributed import World
 from slmkit.evaluate import Evaluator, bits_per_char, log_sample
 from slmkit.failures import failures_reported
 from slmkit.floor import read_floor
+from slmkit.flops import apply_max_flops
 from slmkit.plugins import PluginManager, RunEvents
 from slmkit.progress import Console, StepMeter, eval_line
 from slmkit.run import Run
@@ -63,6 +65,8 @@ class Trainer:
         self.overrides = list(overrides)  # the --set values behind exp: the resume hint's
         # Under torchrun only rank 0 talks to the user and writes files.
         self.world = World.from_env()
+        # training.max_flops decides max_steps before anything reads it (slmkit/flops.py)
+        self.exp, self.budget = apply_max_flops(exp, self.world.world_size)
         self.console = (console or Console()) if self.world.is_main else Console(quiet=True)
         self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
         self.device = self.world.place(resolve_device(exp.training.device, source), source)
@@ -91,8 +95,9 @@ class Trainer:
         self.tokenizer, self.data, self.model = parts.tokenizer, parts.data, parts.model
         if self.init is not None:
             self.init.apply(self.model)
-        # Forward hooks observe (and may write files): on rank 0 only, seeing its share.
+        # Forward hooks observe (and may write files), probes measure: on rank 0 only.
         self.forward_hooks = parts.forward_hooks if world.is_main else None
+        self.probes = parts.probes if world.is_main else None
         self.update_hooks, self.optimizer = parts.update_hooks, parts.optimizer
         self.schedule, precision = parts.schedule, parts.precision
         self.stepper = Stepper(
@@ -186,6 +191,8 @@ class Trainer:
         """Log ``run_start``, say what trains where, start the hooks, call on_run_start."""
         t = self.exp.training
         run.log("run_start", **self._run_start_fields())
+        if self.budget is not None:
+            self.console.say(self.budget.describe())
         warning = self.data.unknown_warning()
         if warning is not None:
             run.log("data_warning", message=warning)
@@ -207,7 +214,8 @@ class Trainer:
 
     def _hooks(self) -> list[Any]:
         return [*(self.forward_hooks.hooks if self.forward_hooks else []),
-                *(self.update_hooks.hooks if self.update_hooks else [])]  # fmt: skip
+                *(self.update_hooks.hooks if self.update_hooks else []),
+                *(self.probes.hooks if self.probes else [])]  # fmt: skip
 
     def _bpc(self, loss: float) -> float:
         return bits_per_char(loss, self.data.splits.chars_per_token)
@@ -219,6 +227,8 @@ class Trainer:
                    **self.data.floor_metrics(val_loss)}  # fmt: skip
         self.state.record_eval(val_loss)
         run.log("eval", step=step, **metrics)
+        if self.probes is not None:  # measured on their own inputs, after the validation
+            self.probes.measure(run, step)
         self.console.say(f"step {step}: {eval_line(metrics)}")
         self.events("on_eval", run=run, step=step, metrics=metrics)
 
@@ -270,9 +280,11 @@ class Trainer:
             "slmkit_version": __version__,
             **environment(self.device),
             "n_params": self.model.n_params,
+            "non_embedding_params": self.model.n_non_embedding_params,
             "seed": exp.experiment.seed,
             **self.data.describe(exp.data.corpus),  # corpus, train_tokens, val_tokens
             "max_steps": exp.training.max_steps,
+            "max_steps_from_flops": self.budget is not None,
             "resumed_from_step": self.state.step if self.resume is not None else None,
             "init_from": str(self.init.path) if self.init is not None else None,
             "pid": os.getpid(),  # lets `slmkit runs` tell a live run from a killed one

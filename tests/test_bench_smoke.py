@@ -6,7 +6,7 @@ in this process with results sent to a temporary folder (``--out`` where the ben
 takes it, otherwise ``bench.RESULTS_DIR`` redirected, which ``bench.write_results``
 reads), then checks the file has the keys the benchmark promises.
 
-The benchmarks of bench/training.py, hooks.py and checkpoint.py have ``--smoke`` (a tiny
+The benchmarks of bench/training.py, hooks.py, probes.py and checkpoint.py have ``--smoke`` (a tiny
 model, 1-2 steps: seconds); convergence gets as small through ``--set`` (2 steps, one
 validation batch, a 4-token sample). The others have no mode that small (sampling's
 identity check always fills the context window, data starts four subprocesses that each
@@ -36,6 +36,9 @@ CASES = [
         id="training",
     ),
     pytest.param("hooks", ["--smoke"], {"config", "configs", "targets"}, id="hooks"),
+    pytest.param(
+        "probes", ["--smoke"], {"config", "configs", "probes_alone_ms", "targets"}, id="probes"
+    ),
     pytest.param(
         "checkpoint",
         ["--smoke"],
@@ -75,6 +78,13 @@ CASES = [
         marks=pytest.mark.slow,  # four training subprocesses, two of them torchrun
     ),
     pytest.param(
+        "scaling_study",
+        ["--smoke", "--resamples", "10"],
+        {"config", "runs", "fit", "wall_s"},
+        id="scaling_study",
+        marks=pytest.mark.slow,  # six runs, each reading and encoding the corpus
+    ),
+    pytest.param(
         "bpe",
         ["--quick"],
         {"cases", "repeats"},
@@ -83,7 +93,7 @@ CASES = [
     ),
 ]
 #: the benchmarks that take ``--out DIR``
-TAKES_OUT = {"training", "hooks", "checkpoint", "distributed"}
+TAKES_OUT = {"training", "hooks", "checkpoint", "distributed", "probes"}
 
 
 def test_every_benchmark_has_a_smoke_case() -> None:

@@ -48,7 +48,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         code, _, err = run_main("run", "tiny.toml")
     assert code == 0, err
     (run_dir,) = (root / "runs").iterdir()
-    return {"root": root, "run": f"runs/{run_dir.name}", "run_id": run_dir.name}
+    inputs = {name: (root / name).read_bytes() for name in ("corpus.txt", "tiny.toml")}
+    return {"root": root, "run": f"runs/{run_dir.name}", "run_id": run_dir.name,
+            "inputs": inputs}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -166,10 +168,14 @@ def invocations(draw: st.DrawFn, work: dict[str, Any]) -> tuple[str, list[str], 
 def test_the_parser_lists_every_command_and_its_arguments() -> None:
     """What the property test draws from (a new command or option shows up here)."""
     commands = subcommands()
-    assert sorted(commands) == ["compare", "eval", "plugins", "run", "runs", "sample", "validate"]
+    assert sorted(commands) == [
+        "compare", "eval", "plugins", "run", "runs", "sample", "scaling", "validate",
+    ]  # fmt: skip
     fuzzed = {name: sorted(a.dest for a in arguments(p)) for name, p in commands.items()}
     assert fuzzed["sample"] == ["device", "max_new_tokens", "prompt", "run", "seed",
                                 "temperature", "top_k", "top_p"]  # fmt: skip
+    assert fuzzed["scaling"] == ["budget", "leave_out", "out", "png", "resamples", "runs",
+                                 "runs_dir", "seed", "sweep"]  # fmt: skip
     assert fuzzed["run"] == [
         "experiment", "init_from", "jobs", "resume", "resume_sweep", "runs_dir", "seeds", "set",
         "sweep", "sweep_member", "threads",
@@ -214,6 +220,11 @@ def test_random_strings_in_any_argument_end_cleanly(workdir: dict[str, Any], dat
         allowed.append(root / value)  # "." included: the user chose this folder
     allowed = [a.resolve() for a in allowed]
     after = tree(root)
+    # An output the user named after an input (`compare RUN --out=tiny.toml`, allowed)
+    # replaces it: put it back, for the examples and the tests that come after.
+    for name, content in workdir["inputs"].items():
+        if not (root / name).is_file() or (root / name).read_bytes() != content:
+            (root / name).write_bytes(content)
     touched = {p for p in after if before.get(p) != after[p]} | (before.keys() - after.keys())
     outside = [
         p for p in touched if not any((root / p).resolve().is_relative_to(a) for a in allowed)

@@ -98,8 +98,10 @@ def test_config_hash_leaves_out_the_length_and_the_threads(manager: PluginManage
     a = experiment_from_dict({}, manager, "a")
     b = experiment_from_dict({"training": {"max_steps": 7, "threads": 3}}, manager, "b")
     c = experiment_from_dict({"training": {"eval_every": 7}}, manager, "c")
-    assert a.config_hash == b.config_hash != c.config_hash
-    assert RESUMABLE_CHANGES == NOT_HASHED == ("training.max_steps", "training.threads")
+    d = experiment_from_dict({"training": {"max_flops": 1e12}}, manager, "d")
+    assert a.config_hash == b.config_hash == d.config_hash != c.config_hash
+    assert RESUMABLE_CHANGES == NOT_HASHED == (
+        "training.max_steps", "training.max_flops", "training.threads")  # fmt: skip
     # the same hash from the experiment.toml a run writes, read back without the plugins
     assert config_hash(tomllib.loads(b.to_toml())) == a.config_hash
 

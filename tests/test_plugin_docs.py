@@ -102,6 +102,7 @@ def real_signature(obj: Any) -> list[tuple[str, str, Any]]:
         "ModelDims",
         "BlockContext",
         "KVCache",
+        "ProbeSetup",
         "slmkit.testing.load_plugin",
         "slmkit.testing.tiny_model",
         "slmkit.testing.train_tiny",

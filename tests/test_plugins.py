@@ -58,6 +58,10 @@ def test_builtins_provide_the_reference_components(manager: PluginManager) -> No
         ("update_hook", "grad_stats"): "slmkit_builtin.update_hooks",
         ("update_hook", "grad_noise"): "slmkit_builtin.update_hooks",
         ("update_hook", "grokfast"): "slmkit_builtin.update_hooks",
+        ("probe", "induction"): "slmkit_builtin.probes",
+        ("probe", "previous_token"): "slmkit_builtin.probes",
+        ("probe", "logit_lens"): "slmkit_builtin.probes",
+        ("probe", "attention_entropy"): "slmkit_builtin.probes",
     }
     assert [p.name for p in manager.all_plugins()] == list(DEFAULT_PLUGINS)
     assert all(p.builtin and not p.broken for p in manager.all_plugins())

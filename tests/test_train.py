@@ -31,6 +31,7 @@ from slmkit.train import Trainer
 RUN_START_FIELDS = {
     "run_id", "timestamp", "git_commit", "git_dirty", "config_hash", "hook_list", "plugins",
     "torch_version", "device", "num_threads", "cpu_capability", "n_params", "seed", "corpus",
+    "non_embedding_params", "max_steps_from_flops",
 }  # fmt: skip
 
 
@@ -59,6 +60,11 @@ def test_a_run_writes_its_folder_and_log(write_experiment, manager, tmp_path: Pa
     assert start["hook_list"] == []
     assert start["corpus"]["name"] == "python_docs" and len(start["corpus"]["sha256"]) == 64
     assert start["n_params"] == sum(p.numel() for p in parameters(run_dir).values())
+    tables = ("tok_emb.weight", "pos_emb.weight", "head.weight")  # vocabulary and positions
+    assert start["non_embedding_params"] == sum(
+        p.numel() for name, p in parameters(run_dir).items() if name not in tables
+    )
+    assert start["max_steps_from_flops"] is False
     evals = [e for e in events if e["event"] == "eval"]
     # bits per character of the raw corpus: loss / ln 2 x tokens per character
     tokens_per_char = (start["train_tokens"] + start["val_tokens"]) / start["corpus"]["chars"]

@@ -327,6 +327,9 @@ def test_tied_run_resumes_bit_exactly(tied_runs) -> None:
     assert torch.equal(saved["head.weight"], saved["tok_emb.weight"])
     (start, *_) = events(full, "run_start")
     assert start["n_params"] == tied_runs["trainer"].model.n_params
+    # the tied table is left out once: the blocks and the final norm remain, as untied
+    n_embedding = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
+    assert start["non_embedding_params"] == start["n_params"] - n_embedding
 
 
 def test_tied_checkpoint_loads_with_the_same_logits(tied_runs, manager) -> None:

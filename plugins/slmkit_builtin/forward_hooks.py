@@ -63,6 +63,13 @@ class ActivationStats:
         return {p: dict(zip(STATS, v, strict=True)) for p, v in zip(points, values, strict=True)}
 
 
+def head_entropy(pattern: torch.Tensor) -> torch.Tensor:
+    """Each head's entropy (nats) of ``pattern`` (batch, heads, queries, keys), averaged
+    over the batch and the queries: one value per head."""
+    entropy = -torch.special.xlogy(pattern.float(), pattern.float()).sum(dim=-1)
+    return entropy.mean(dim=(0, 2))
+
+
 class AttentionEntropy:
     """Mean entropy (nats) of each head's attention distribution, per watched layer.
 
@@ -78,8 +85,7 @@ class AttentionEntropy:
 
     def observe(self, point: str, pattern: torch.Tensor) -> None:
         """``pattern``: (batch, heads, queries, keys), rows summing to 1."""
-        entropy = -torch.special.xlogy(pattern.float(), pattern.float()).sum(dim=-1)
-        self.pending[point] = entropy.mean(dim=(0, 2))  # one value per head
+        self.pending[point] = head_entropy(pattern)
 
     def flush(self, step: int, phase: str) -> dict[str, Any] | None:
         """``{point: [entropy of head 0, head 1, ...]}``."""

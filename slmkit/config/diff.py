@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from typing import Any
 
 #: keys that do not change which experiment a run is, so ``config_hash`` leaves them out and
-#: a resume may change them: how long it trains (a resume may extend it; ``slmkit runs``
-#: shows it apart) and how many CPU threads compute it (recorded with the environment)
-NOT_HASHED = ("training.max_steps", "training.threads")
+#: a resume may change them: how long it trains, in steps or in FLOPs (a resume may extend
+#: it; ``slmkit runs`` shows it apart) and how many CPU threads compute it (recorded with the
+#: environment). Runs written before ``max_flops`` existed keep their hash.
+NOT_HASHED = ("training.max_steps", "training.max_flops", "training.threads")
 
 
 def config_hash(experiment: Mapping[str, Any]) -> str:

@@ -3,7 +3,7 @@
 Tables that pick a component (``[tokenizer] name``, ``[model] block``, ``[data] corpus``...)
 carry that component's own options in ``options`` (structured into the attrs class the
 component registered) and the resolved registry entry in ``component``. Arrays of tables
-(``[[forward_hooks]]``, ``[[update_hooks]]``, and any kind added later) live in
+(``[[forward_hooks]]``, ``[[update_hooks]]``, ``[[probes]]``...) live in
 :attr:`Experiment.arrays`, keyed by table name.
 """
 
@@ -137,6 +137,8 @@ class TrainingSection:
     #: micro-batches per optimizer step: the effective batch is batch_size x this
     grad_accum_steps: int = attrs.field(default=1, validator=positive)
     max_steps: int = attrs.field(default=2000, validator=positive)
+    #: a compute budget in FLOPs (0: none); when set it decides max_steps (slmkit/flops.py)
+    max_flops: float = attrs.field(default=0.0, validator=non_negative)
     eval_every: int = attrs.field(default=200, validator=non_negative)
     eval_batches: int = attrs.field(default=20, validator=positive)
     checkpoint_every: int = attrs.field(default=200, validator=non_negative)
@@ -187,6 +189,21 @@ class UpdateHookSection:
 
     name: str
     enabled: bool = True
+    options: Any = None
+    #: the registered component the name resolved to (filled in by resolution)
+    component: Component | None = attrs.field(default=None, eq=False, repr=False)
+
+
+@attrs.define(frozen=True)
+class ProbeSection:
+    """One ``[[probes]]`` table: the probe, how often it runs, the seed of its inputs."""
+
+    name: str
+    enabled: bool = True
+    #: run at every ``every``-th evaluation (1: each one), and always at the last
+    every: int = attrs.field(default=1, validator=positive)
+    #: seeds the probe's own generator, which draws its fixed inputs once
+    seed: int = attrs.field(default=0, validator=[non_negative, _below_seed_limit])
     options: Any = None
     #: the registered component the name resolved to (filled in by resolution)
     component: Component | None = attrs.field(default=None, eq=False, repr=False)
@@ -257,6 +274,6 @@ class Experiment:
 
     @property
     def config_hash(self) -> str:
-        """What defines the experiment, hashed: every key but ``training.max_steps`` and
-        ``training.threads`` (:func:`slmkit.config.diff.config_hash`)."""
+        """What defines the experiment, hashed: every key but ``training.max_steps``,
+        ``training.max_flops`` and ``training.threads`` (:func:`slmkit.config.diff.config_hash`)."""
         return config_hash(self.to_dict())
