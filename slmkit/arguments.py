@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs)")
     p.add_argument("--out", metavar="REPORT.html", help="write a self-contained HTML report")
     p.add_argument("--png", metavar="FILE.png", help="write the loss curves as a PNG")
+    p.add_argument("--probes-png", metavar="FILE.png",
+                   help="write the probe metrics (curves, heads) as a PNG")  # fmt: skip
     p.add_argument(
         "--baseline", action="append", default=[], metavar="KEY=VALUE",
         help="the group of seeds the others are tested against (default: the first group)",

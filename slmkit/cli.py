@@ -208,6 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         analysis,
         report=Path(args.out) if args.out else None,
         png=Path(args.png) if args.png else None,
+        probes_png=Path(args.probes_png) if args.probes_png else None,
     )
     if args.json:
         print(json.dumps(summary_for_json(records, analysis), indent=2))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from slmkit.config.diff import changed_keys
 from slmkit.errors import SlmkitError
+from slmkit.probe_curves import latest_rows, probes_json
 from slmkit.run_segments import ENVIRONMENT_KEYS
 from slmkit.runs import RunRecord, lookup
 from slmkit.runs_table import format_value, table_rows, with_floor_columns
@@ -121,7 +122,19 @@ def comparison_text(records: Sequence[RunRecord], analysis: SeedAnalysis | None 
     out.append(format_table(env) if len(env) > 1 else "(the recorded environments are identical)\n")
     out.append("metrics:")
     out.append(format_table(metric_rows(records)))
+    if any(r.probes for r in records):
+        out.append(f"{PROBES_HEADING}:")
+        out.append(format_table(probe_rows(records)))
     return "\n".join([*out, seed_text(analysis or analyse(records))])
+
+
+#: what the table of probe metrics is called (text and HTML report)
+PROBES_HEADING = "probes (latest evaluation; a layer x head metric: its highest head)"
+
+
+def probe_rows(records: Sequence[RunRecord]) -> list[list[str]]:
+    """Each run's probe metrics at its latest evaluation (docs/probes.md)."""
+    return latest_rows([(r.run_id, r.probes) for r in records])
 
 
 def seed_text(analysis: SeedAnalysis) -> str:
@@ -315,4 +328,5 @@ def summary_for_json(
             for key in environment_keys(records)
         },
         **analysis_json(analysis or analyse(records)),
+        "probes": {r.run_id: probes_json(r.probes) for r in records},
     }

@@ -1,8 +1,9 @@
 """The HTML report and the picture files of ``slmkit compare``, written whole or not at all.
 
 The report is one self-contained page: the tables of :mod:`slmkit.compare` and of the groups
-of seeds (:mod:`slmkit.seed_stats`), the loss-curve PNG embedded (base64), each run's latest
-sample. Both files are drawn before either is written, and each is written atomically.
+of seeds (:mod:`slmkit.seed_stats`), the loss-curve PNG embedded (base64), the probes PNG
+(:mod:`slmkit.probe_figure`) when runs logged probe metrics, each run's latest sample. Every
+file is drawn before any is written, and each is written atomically.
 """
 
 from __future__ import annotations
@@ -13,8 +14,17 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from slmkit.compare import config_diff_rows, environment_diff_rows, loss_curves_png, metric_rows
+from slmkit.compare import (
+    PROBES_HEADING,
+    config_diff_rows,
+    environment_diff_rows,
+    loss_curves_png,
+    metric_rows,
+    probe_rows,
+)
 from slmkit.errors import SlmkitError
+from slmkit.probe_figure import has_probes
+from slmkit.probe_figure import probes_png as probes_png_bytes
 from slmkit.rundir import write_atomic
 from slmkit.runs import RunRecord
 from slmkit.seed_stats import (
@@ -59,9 +69,22 @@ def seed_html(analysis: SeedAnalysis) -> str:
     return "\n".join(parts)
 
 
-def report_html(records: Sequence[RunRecord], png: bytes, analysis: SeedAnalysis) -> str:
+def probes_html(records: Sequence[RunRecord], png: bytes | None) -> str:
+    """The Probes section: the picture and the latest values; empty without probe metrics."""
+    if png is None:
+        return ""
+    image = base64.b64encode(png).decode("ascii")
+    return (f"<h2>Probes</h2>\n<p>{html.escape(PROBES_HEADING)}; see docs/probes.md.</p>\n"
+            f"{_html_table(probe_rows(records))}\n"
+            f'<img alt="probe metrics over training and each head at the latest evaluation" '
+            f'src="data:image/png;base64,{image}">\n')  # fmt: skip
+
+
+def report_html(
+    records: Sequence[RunRecord], png: bytes, analysis: SeedAnalysis, probes: bytes | None = None
+) -> str:
     """One self-contained HTML page: metrics, groups of seeds, config differences, curves,
-    samples."""
+    the probes (``probes``: their picture, None when no run logged any), samples."""
     diff = config_diff_rows(records)
     image = base64.b64encode(png).decode("ascii")
     samples = "".join(
@@ -93,7 +116,7 @@ def report_html(records: Sequence[RunRecord], png: bytes, analysis: SeedAnalysis
 {env_html}
 <h2>Loss curves</h2>
 <img alt="{curves} training and validation loss" src="data:image/png;base64,{image}">
-<h2>Latest samples</h2>
+{probes_html(records, probes)}<h2>Latest samples</h2>
 {samples}
 </body></html>
 """
@@ -113,21 +136,31 @@ def write_outputs(
     *,
     report: Path | None,
     png: Path | None,
+    probes_png: Path | None = None,
 ) -> list[Path]:
-    """Draw the curves once and write the report and/or the PNG; the paths written."""
-    if report is None and png is None:
+    """Draw each picture once and write the report and/or the PNGs; the paths written.
+
+    ``probes_png`` of runs that logged no probe metrics is an error (nothing is written);
+    the report then has no Probes section.
+    """
+    if report is None and png is None and probes_png is None:
         return []
-    for path in (report, png):
+    if probes_png is not None and not has_probes(records):
+        raise SlmkitError(f"--probes-png {probes_png}: none of the runs logged probe metrics "
+                          "(an experiment's [[probes]] tables make them)")  # fmt: skip
+    for path in (report, png, probes_png):
         if path is not None and not path.parent.is_dir():
             raise SlmkitError(f"{path}: no such folder {path.parent}")
         if path is not None and (path.is_dir() or path.name in ("", ".", "..")):
             raise SlmkitError(f"{path}: is a folder; name the file to write")
-    picture = loss_curves_png(records, analysis)
-    page = report_html(records, picture, analysis).encode("utf-8") if report else b""
+    picture = loss_curves_png(records, analysis) if report or png else b""
+    probes = probes_png_bytes(records) if has_probes(records) and (report or probes_png) else None
+    page = report_html(records, picture, analysis, probes).encode("utf-8") if report else b""
     written = []
-    if png is not None:
-        _write(png, picture)
-        written.append(png)
+    for path, data in ((png, picture), (probes_png, probes)):
+        if path is not None and data is not None:
+            _write(path, data)
+            written.append(path)
     if report is not None:
         _write(report, page)
         written.append(report)

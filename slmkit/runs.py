@@ -21,6 +21,7 @@ import attrs
 
 from slmkit.config.diff import config_hash
 from slmkit.errors import SlmkitError
+from slmkit.probe_curves import ProbeMetric, probe_metrics
 from slmkit.run_segments import (
     environment_history,
     split_segments,
@@ -83,6 +84,8 @@ class RunRecord:
     last_val_excess: float | None = None
     #: the sha256 of the corpus text the run trained on (``run_start``'s ``corpus``)
     corpus_sha256: str | None = None
+    #: the metrics the run's probes logged at its evaluations (docs/probes.md)
+    probes: list[ProbeMetric] = attrs.field(factory=list)
 
     @property
     def floor_per_token(self) -> float | None:
@@ -274,6 +277,7 @@ def _record(
         val_floor=floor,
         last_val_excess=excess[max(excess)] if excess else None,
         corpus_sha256=as_text(as_table(first_start.get("corpus")).get("sha256")),
+        probes=probe_metrics(events, problems),
     )
 
 
