@@ -25,7 +25,7 @@ from slmkit.compare import (
 from slmkit.errors import SlmkitError
 from slmkit.probe_figure import has_probes
 from slmkit.probe_figure import probes_png as probes_png_bytes
-from slmkit.rundir import write_atomic
+from slmkit.report_files import STYLE, check_output, html_table, write_output
 from slmkit.runs import RunRecord
 from slmkit.seed_stats import (
     INTERVAL,
@@ -37,34 +37,15 @@ from slmkit.seed_stats import (
 )
 
 
-def _html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:]
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin-bottom: 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f3f3f3; }
-td { font-family: ui-monospace, monospace; }
-pre { background: #f7f7f7; padding: 0.8em; white-space: pre-wrap; max-width: 60em; }
-img { max-width: 100%; }
-"""
-
-
 def seed_html(analysis: SeedAnalysis) -> str:
     """The groups of seeds: their table, the comparisons with the baseline, the notes."""
     parts = [f"<p>Runs whose experiments differ only in their seed form a group; {INTERVAL}: "
              "the t-interval of the group's mean.</p>"]  # fmt: skip
     if analysis.groups:
-        parts.append(_html_table(group_rows(analysis)))
+        parts.append(html_table(group_rows(analysis)))
     if analysis.comparisons:
         parts.append(f"<p>{html.escape(comparison_heading(analysis))}</p>")
-        parts.append(_html_table(comparison_rows(analysis)))
+        parts.append(html_table(comparison_rows(analysis)))
     parts += [f"<p>{html.escape(line)}</p>" for line in notes(analysis)]
     return "\n".join(parts)
 
@@ -75,7 +56,7 @@ def probes_html(records: Sequence[RunRecord], png: bytes | None) -> str:
         return ""
     image = base64.b64encode(png).decode("ascii")
     return (f"<h2>Probes</h2>\n<p>{html.escape(PROBES_HEADING)}; see docs/probes.md.</p>\n"
-            f"{_html_table(probe_rows(records))}\n"
+            f"{html_table(probe_rows(records))}\n"
             f'<img alt="probe metrics over training and each head at the latest evaluation" '
             f'src="data:image/png;base64,{image}">\n')  # fmt: skip
 
@@ -92,22 +73,22 @@ def report_html(
         + (f"<pre>{html.escape(r.last_sample)}</pre>" if r.last_sample else "<p>(no sample)</p>")
         for r in records
     )
-    diff_html = _html_table(diff) if len(diff) > 1 else "<p>The experiments are identical.</p>"
+    diff_html = html_table(diff) if len(diff) > 1 else "<p>The experiments are identical.</p>"
     env = environment_diff_rows(records)
     env_html = (
-        _html_table(env) if len(env) > 1 else "<p>The recorded environments are identical.</p>"
+        html_table(env) if len(env) > 1 else "<p>The recorded environments are identical.</p>"
     )
     made = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     title = f"slmkit compare: {len(records)} runs"
     curves = "each group's mean" if analysis.replicated else "each run's"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{_STYLE}</style></head>
+<style>{STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
 <p>Made {made} from {", ".join(html.escape(str(r.run_dir)) for r in records)}.</p>
 <h2>Metrics</h2>
-{_html_table(metric_rows(records))}
+{html_table(metric_rows(records))}
 <h2>Groups of seeds</h2>
 {seed_html(analysis)}
 <h2>Config differences</h2>
@@ -120,14 +101,6 @@ def report_html(
 {samples}
 </body></html>
 """
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write an output atomically; a failure is one line naming the file."""
-    try:
-        write_atomic(path, data)
-    except OSError as exc:
-        raise SlmkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def write_outputs(
@@ -149,19 +122,17 @@ def write_outputs(
         raise SlmkitError(f"--probes-png {probes_png}: none of the runs logged probe metrics "
                           "(an experiment's [[probes]] tables make them)")  # fmt: skip
     for path in (report, png, probes_png):
-        if path is not None and not path.parent.is_dir():
-            raise SlmkitError(f"{path}: no such folder {path.parent}")
-        if path is not None and (path.is_dir() or path.name in ("", ".", "..")):
-            raise SlmkitError(f"{path}: is a folder; name the file to write")
+        if path is not None:
+            check_output(path)
     picture = loss_curves_png(records, analysis) if report or png else b""
     probes = probes_png_bytes(records) if has_probes(records) and (report or probes_png) else None
     page = report_html(records, picture, analysis, probes).encode("utf-8") if report else b""
     written = []
     for path, data in ((png, picture), (probes_png, probes)):
         if path is not None and data is not None:
-            _write(path, data)
+            write_output(path, data)
             written.append(path)
     if report is not None:
-        _write(report, page)
+        write_output(report, page)
         written.append(report)
     return written

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from slmkit.errors import SlmkitError
-from slmkit.rundir import write_atomic
+from slmkit.report_files import STYLE, check_output, html_table, write_output
 from slmkit.runs import RunRecord, list_runs, read_run, resolve_run
 from slmkit.scaling import HUBER_DELTA, LEVEL, Estimate
 from slmkit.scaling_plot import study_png
@@ -115,23 +115,6 @@ def study_json(study: Study) -> dict[str, Any]:
 # -- the report ------------------------------------------------------------------------------
 
 
-def _html_table(rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                   for row in rows[1:])  # fmt: skip
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin-bottom: 1.5em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f3f3f3; }
-pre { background: #f7f7f7; padding: 0.8em; white-space: pre-wrap; }
-img { max-width: 100%; }
-"""
-
-
 def report_html(study: Study, png: bytes, sources: Sequence[Path]) -> str:
     """One self-contained HTML page: the fit's text, its picture, where the runs were."""
     image = base64.b64encode(png).decode("ascii")
@@ -142,34 +125,18 @@ def report_html(study: Study, png: bytes, sources: Sequence[Path]) -> str:
              for k, e in study.fit.parameters().items()]  # fmt: skip
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{_STYLE}</style></head>
+<style>{STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
 <p>Made {made} from {", ".join(html.escape(str(s)) for s in sources)}.</p>
 <h2>Parameters ({LEVEL:.0%} bootstrap intervals over runs)</h2>
-{_html_table(rows)}
+{html_table(rows)}
 <h2>Fit</h2>
 <img alt="final validation loss against non-embedding parameters, the fit and its band"
  src="data:image/png;base64,{image}">
 <pre>{html.escape(study_text(study))}</pre>
 </body></html>
 """
-
-
-def check_output(path: Path) -> None:
-    """Refuse, before anything is computed, a file that could not be written."""
-    if not path.parent.is_dir():
-        raise SlmkitError(f"{path}: no such folder {path.parent}")
-    if path.is_dir() or path.name in ("", ".", ".."):
-        raise SlmkitError(f"{path}: is a folder; name the file to write")
-
-
-def write_output(path: Path, data: bytes) -> None:
-    """Write one output atomically; a failure is one line naming the file."""
-    try:
-        write_atomic(path, data)
-    except OSError as exc:
-        raise SlmkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 # -- the command -----------------------------------------------------------------------------
