@@ -176,6 +176,23 @@ def test_an_induction_circuit_scores_one_and_predicts_the_repeat() -> None:
     assert previous["score"][0] == [pytest.approx(1.0, abs=1e-6)]
 
 
+def test_the_induction_batch_draws_only_tokens_the_validation_split_holds() -> None:
+    # A small-alphabet corpus leaves most ids unseen: their logits were pushed down in
+    # training, so drawing them would hide a working induction head.
+    dims = ModelDims(n_layers=1, d_model=4, n_heads=1, d_ff=4, dropout=0.0,
+                     context_length=CONTEXT, vocab_size=VOCAB)  # fmt: skip
+
+    class Padded:
+        pad_id = 0
+
+    val = torch.tensor([0, 2, 4, 2, 5, 7, 0, 4, 8, 9], dtype=torch.uint8)  # of ids 0..9
+    setup = ProbeSetup(dims, Padded(), torch.Generator().manual_seed(1), val)
+    tokens = Induction(InductionOptions(batch_size=6, seq_len=4)).inputs(setup)
+    assert set(tokens.flatten().tolist()) <= {2, 4, 5, 7, 8, 9}  # no pad, no unseen id
+    for row in tokens[:, :4].tolist():
+        assert len(set(row)) == 4
+
+
 def test_the_induction_batch_is_a_random_sequence_repeated_once() -> None:
     dims = ModelDims(n_layers=1, d_model=4, n_heads=1, d_ff=4, dropout=0.0,
                      context_length=CONTEXT, vocab_size=VOCAB)  # fmt: skip

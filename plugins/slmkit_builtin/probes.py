@@ -43,23 +43,26 @@ class TextOptions:
 
 
 def random_sequences(setup: slmkit.ProbeSetup, batch: int, length: int) -> torch.Tensor:
-    """``(batch, length)`` random token ids, never the padding token.
+    """``(batch, length)`` random ids of tokens the validation split holds, never padding.
 
-    Within a row no token repeats when the vocabulary has enough of them, so a token's
-    earlier occurrence in a repeated sequence is one position.
+    Tokens the corpus never shows (most of a character vocabulary, for a small synthetic
+    alphabet) were pushed down in training whatever the model learnt; drawing them would
+    keep the repeated half's loss high even under a working induction head. Within a row
+    no token repeats when there are enough of them, so a token's earlier occurrence in a
+    repeated sequence is one position.
     """
-    vocab, pad = setup.dims.vocab_size, setup.tokenizer.pad_id
-    has_pad = pad is not None and 0 <= pad < vocab
-    usable = vocab - int(has_pad)
-    if length <= usable:
-        rows = [torch.randperm(usable, generator=setup.generator)[:length] for _ in range(batch)]
-        ids = torch.stack(rows)
+    pad = setup.tokenizer.pad_id
+    seen = torch.unique(setup.val_tokens.long())
+    if pad is not None:
+        seen = seen[seen != pad]
+    if len(seen) == 0:  # no validation text: any id but padding
+        seen = torch.tensor([i for i in range(setup.dims.vocab_size) if i != pad])
+    if length <= len(seen):
+        rows = [torch.randperm(len(seen), generator=setup.generator)[:length] for _ in range(batch)]
+        picks = torch.stack(rows)
     else:
-        ids = torch.randint(usable, (batch, length), generator=setup.generator)
-    if has_pad:
-        assert pad is not None
-        ids = ids + (ids >= pad).long()  # skip over the padding id
-    return ids
+        picks = torch.randint(len(seen), (batch, length), generator=setup.generator)
+    return seen[picks]
 
 
 def validation_windows(setup: slmkit.ProbeSetup, options: TextOptions) -> torch.Tensor:
