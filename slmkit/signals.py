@@ -17,7 +17,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 from slmkit.distributed import World
 from slmkit.errors import RunInterrupted
@@ -62,19 +62,20 @@ def resume_command(
     return f"{start} {tail}"
 
 
-class StopSignals:
-    """Catches SIGINT/SIGTERM inside a ``with`` block; the previous handlers come back after."""
+class SignalCatcher:
+    """SIGINT and SIGTERM go to :meth:`on_signal` inside a ``with`` block; the previous
+    handlers come back after. Outside the main thread (which alone may set handlers) it
+    catches nothing."""
 
-    def __init__(self, world: World) -> None:
-        self.world = world
+    def __init__(self) -> None:
         #: the signal received, if any
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._request_stop)
+                self._previous[signum] = signal.signal(signum, self.on_signal)
         return self
 
     def __exit__(
@@ -86,7 +87,20 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def _request_stop(self, signum: int, _frame: FrameType | None) -> None:
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Called with each signal caught; records the first."""
+        self.received = self.received or signum
+
+
+class StopSignals(SignalCatcher):
+    """Catches SIGINT/SIGTERM while a run trains: a request to stop after the current step."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__()
+        self.world = world
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """A second Ctrl-C outside torchrun stops at once; else the signal is kept."""
         if self.received is not None and signum == signal.SIGINT and not self.world.launched:
             raise KeyboardInterrupt
         self.received = signum

@@ -41,6 +41,7 @@ from typing import IO, Any
 from slmkit.build import resolve_device
 from slmkit.errors import RunInterrupted
 from slmkit.rundir import CONSOLE_LOG
+from slmkit.signals import SignalCatcher
 from slmkit.sweep_board import MemberProgress, SweepBoard, finished_line
 from slmkit.sweep_plan import Member, Sweep
 
@@ -235,27 +236,16 @@ class Job:
         return (errors or lines or [f"exit status {self.proc.returncode}"])[-1]
 
 
-class Forwarder:
+class Forwarder(SignalCatcher):
     """SIGINT and SIGTERM while the children run: stop starting members, pass it on to each."""
 
     def __init__(self, running: list[Job]) -> None:
+        super().__init__()
         self.running = running
-        #: the first signal received, if any
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> Forwarder:
-        if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._forward)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _forward(self, signum: int, _frame: FrameType | None) -> None:
-        self.received = self.received or signum
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Keep the first signal and send this one to every child still running."""
+        super().on_signal(signum, frame)
         for job in self.running:
             if job.proc.poll() is None:
                 job.proc.send_signal(signum)
