@@ -7,12 +7,11 @@ The loss-curve picture needs matplotlib, the optional extra ``slmkit[plot]``;
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from slmkit.config.diff import changed_keys
-from slmkit.errors import SlmkitError
+from slmkit.pictures import figure_class, png_bytes
 from slmkit.probe_curves import latest_rows, probes_json
 from slmkit.run_segments import ENVIRONMENT_KEYS
 from slmkit.runs import RunRecord, lookup
@@ -221,9 +220,7 @@ def legend_columns(n_runs: int) -> int:
 def loss_curves_png(records: Sequence[RunRecord], analysis: SeedAnalysis | None = None) -> bytes:
     """Training (solid) and validation (dashed, dots) loss against step and tokens seen:
     each group's mean and band when ``analysis`` has groups of seeds, else each run's."""
-    buffer = io.BytesIO()
-    loss_curves_figure(records, analysis).savefig(buffer, format="png", dpi=FIGURE_DPI)
-    return buffer.getvalue()
+    return png_bytes(loss_curves_figure(records, analysis), FIGURE_DPI)
 
 
 def loss_curves_figure(
@@ -285,16 +282,7 @@ def group_curves_figure(analysis: SeedAnalysis) -> Figure:
 
 def _empty_figure(labels: Sequence[str]) -> tuple[Figure, Any]:
     """A figure sized for ``labels`` with two plots side by side sharing the loss axis."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SlmkitError(
-            "the loss-curve picture needs matplotlib: pip install 'slmkit[plot]' "
-            "(or uv sync --extra plot)"
-        ) from None
-    matplotlib.use("Agg")  # draw to memory: no display needed
-    from matplotlib.figure import Figure
-
+    Figure = figure_class("loss-curve picture")
     figure = Figure(figsize=figure_size(labels), dpi=FIGURE_DPI, layout="constrained")
     return figure, figure.subplots(1, 2, sharey=True)
 

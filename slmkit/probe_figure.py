@@ -11,13 +11,13 @@ a heatmap of each layer x head metric at the run's latest evaluation. Needs matp
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, cast
 
 from slmkit.compare import FIGURE_DPI, legend_columns, legend_keys, run_label
 from slmkit.errors import SlmkitError
+from slmkit.pictures import figure_class, png_bytes
 from slmkit.probe_curves import LAYER_HEAD, SCALAR, ProbeMetric, by_probe
 from slmkit.runs import RunRecord
 
@@ -53,9 +53,7 @@ def has_probes(records: Sequence[RunRecord]) -> bool:
 
 def probes_png(records: Sequence[RunRecord]) -> bytes:
     """The probes picture as PNG bytes; the runs must have probe metrics."""
-    buffer = io.BytesIO()
-    probes_figure(records).savefig(buffer, format="png", dpi=FIGURE_DPI)
-    return buffer.getvalue()
+    return png_bytes(probes_figure(records), FIGURE_DPI)
 
 
 def heatmap_runs(records: Sequence[RunRecord], limit: int | None = HEATMAP_RUNS) -> list[RunRecord]:
@@ -67,7 +65,7 @@ def probes_figure(records: Sequence[RunRecord]) -> Figure:
     """The picture :func:`probes_png` draws, as a matplotlib figure."""
     if not has_probes(records):
         raise SlmkitError("no run logged probe metrics: add [[probes]] to the experiment")
-    figure_class = _matplotlib_figure()
+    Figure = figure_class("probes picture")
     probes = list(dict.fromkeys(m.probe for r in records for m in r.probes))
     heads = heatmap_runs(records)
     grids = list(dict.fromkeys(m.key for r in heads for m in r.probes if m.shape == LAYER_HEAD))
@@ -82,7 +80,7 @@ def probes_figure(records: Sequence[RunRecord]) -> Figure:
     legend_lines = sum(max(label.count("\n") + 1 for label in labels[i : i + per_row])
                        for i in range(0, len(labels), per_row))  # fmt: skip
     height = curve_rows * CURVE_ROW_INCHES + heat_height + legend_lines * LEGEND_INCHES + 0.6
-    figure = figure_class(figsize=(WIDTH_INCHES, height), dpi=FIGURE_DPI, layout="constrained")
+    figure = Figure(figsize=(WIDTH_INCHES, height), dpi=FIGURE_DPI, layout="constrained")
     if heads:
         ratios = [curve_rows * CURVE_ROW_INCHES, heat_height]
         top, bottom = cast("Sequence[SubFigure]", figure.subfigures(2, 1, height_ratios=ratios))
@@ -103,20 +101,6 @@ def probes_figure(records: Sequence[RunRecord]) -> Figure:
             title += f" of the first {len(heads)} runs"
     figure.suptitle(title)
     return figure
-
-
-def _matplotlib_figure() -> type[Figure]:
-    try:
-        import matplotlib
-    except ImportError:
-        raise SlmkitError(
-            "the probes picture needs matplotlib: pip install 'slmkit[plot]' "
-            "(or uv sync --extra plot)"
-        ) from None
-    matplotlib.use("Agg")  # draw to memory: no display needed
-    from matplotlib.figure import Figure
-
-    return Figure
 
 
 def _draw_curves(figure: FigureBase, records: Sequence[RunRecord], probes: list[str]) -> None:

@@ -5,13 +5,12 @@ optional extra ``slmkit[plot]``.
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 
-from slmkit.errors import SlmkitError
+from slmkit.pictures import figure_class, png_bytes
 from slmkit.scaling import LAW_ND, LEVEL
 from slmkit.scaling_runs import RunPoint, Study
 
@@ -57,15 +56,7 @@ def curves(study: Study) -> list[FitCurve]:
 
 def study_figure(study: Study) -> Figure:
     """Loss against N, both logarithmic: the runs, the fit, its band, the held-out run."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SlmkitError(
-            "the scaling picture needs matplotlib: pip install 'slmkit[plot]' "
-            "(or uv sync --extra plot)"
-        ) from None
-    matplotlib.use("Agg")  # draw to memory: no display needed
-    from matplotlib.figure import Figure
+    Figure = figure_class("scaling picture")
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     fit, held = study.fit, study.held_out
@@ -114,6 +105,4 @@ def study_figure(study: Study) -> Figure:
 
 def study_png(study: Study) -> bytes:
     """The picture as PNG bytes."""
-    buffer = io.BytesIO()
-    study_figure(study).savefig(buffer, format="png", dpi=FIGURE_DPI)
-    return buffer.getvalue()
+    return png_bytes(study_figure(study), FIGURE_DPI)
