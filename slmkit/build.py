@@ -367,6 +367,8 @@ class TrainedModel:
     path: Path
     #: ranks of the run that wrote it: its validation batches held batch_size x this windows
     world_size: int = 1
+    #: the precision it trained in ("fp32", "bf16", "fp16"; None: not kept by older files)
+    precision: str | None = None
 
 
 def load_trained(path: str | Path, manager: PluginManager, device: str = "auto") -> TrainedModel:
@@ -388,5 +390,6 @@ def load_trained(path: str | Path, manager: PluginManager, device: str = "auto")
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise CheckpointError(f"{ckpt_path}: its weights are not finite ({bad[0]}{more})")
     model.eval()
-    world_size = int(payload.get("world_size", 1))
-    return TrainedModel(exp, tokenizer, model, target, int(payload["step"]), ckpt_path, world_size)
+    world_size, precision = int(payload.get("world_size", 1)), payload.get("precision")
+    step = int(payload["step"])
+    return TrainedModel(exp, tokenizer, model, target, step, ckpt_path, world_size, precision)

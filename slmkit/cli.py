@@ -141,14 +141,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slmkit.build import build_data, load_trained
     from slmkit.errors import RunError
     from slmkit.evaluate import bits_per_char, evaluate
+    from slmkit.precision import Precision
 
     trained = load_trained(args.run, _manager(), args.device)
+    # in the precision it trained in, as its logged validation losses were computed
+    precision = Precision.of(trained.experiment, trained.device, started=trained.precision)
     # the run's validation set: eval_batches global batches of the ranks that trained it
     data = build_data(
         trained.experiment, trained.tokenizer, train_tokenizer=False, world_size=trained.world_size
     )
     batches, splits = data.val_batches, data.splits
-    val_loss = evaluate(trained.model, batches, trained.device)
+    with precision.autocast():
+        val_loss = evaluate(trained.model, batches, trained.device)
     if not math.isfinite(val_loss):
         raise RunError(f"{trained.path}: the validation loss is not finite ({val_loss})")
     result = {

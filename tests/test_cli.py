@@ -129,8 +129,11 @@ def test_errors_have_no_traceback_unless_debug(write_experiment, cli) -> None:
     assert debug.returncode == 2 and "Traceback" in debug.stderr
 
 
-def test_run_sample_eval_end_to_end(write_experiment, tmp_path, capsys) -> None:
-    path = write_experiment({"training": {"max_steps": 2, "eval_every": 2}})
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_run_sample_eval_end_to_end(write_experiment, tmp_path, capsys, precision) -> None:
+    # eval recomputes the logged loss in the precision the run trained in
+    training = {"max_steps": 2, "eval_every": 2, "precision": precision}
+    path = write_experiment({"training": training})
     assert main(["run", str(path), "--runs-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     (run_dir,) = (tmp_path / "runs").iterdir()

@@ -610,7 +610,7 @@ def test_new_keys_are_validated(manager, table, key, value, message) -> None:
 def test_new_keys_defaults_and_valid_values(manager) -> None:
     exp = experiment_from_dict({}, manager, "x.toml")
     assert (exp.training.grad_accum_steps, exp.training.precision, exp.training.compile) == (
-        1, "fp32", False,
+        1, "auto", False,
     )  # fmt: skip
     assert (exp.sampling.top_k, exp.sampling.top_p, exp.model.tie_embeddings) == (0, 1.0, False)
     exp = experiment_from_dict(

@@ -148,7 +148,7 @@ class TrainingSection:
     on_nonfinite: str = attrs.field(default="stop", validator=one_of(("stop", "skip")))
     #: autocast precision of forward passes (fp16 only on CUDA, with a gradient scaler;
     #: "auto": bf16 where the device computes it natively, else fp32; slmkit/precision.py)
-    precision: str = attrs.field(default="fp32", validator=one_of(("fp32", "bf16", "fp16", "auto")))
+    precision: str = attrs.field(default="auto", validator=one_of(("fp32", "bf16", "fp16", "auto")))
     #: torch.compile the model (falls back with a warning where compiling fails)
     compile: bool = False
     device: str = attrs.field(default="auto", validator=one_of(("auto", "cpu", "cuda", "mps")))
