@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", nargs="?", default="runs", help="a folder of runs (default: runs)")
     p.add_argument("--sweep", metavar="ID", help="only the runs of this sweep")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw the table in place while runs train, with each running run's ETA and a "
+        "sparkline of its validation losses; Ctrl-C quits (not a terminal: printed once)",
+    )
+    p.add_argument("--interval", type=finite_float, metavar="SECONDS",
+                   help="seconds between two redraws of --watch (default 2)")  # fmt: skip
 
     p = sub.add_parser("compare", help="runs side by side: config diff, metrics, loss curves")
     p.add_argument("runs", nargs="*", metavar="RUN", help="run folders or run ids")
@@ -208,5 +216,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise SlmkitError("--budget: must be > 0 FLOPs")
     if getattr(args, "resamples", 10) < 10:
         raise SlmkitError("--resamples: must be >= 10")
+    if getattr(args, "watch", False) and args.json:
+        raise SlmkitError("--watch: not with --json (a script polls `slmkit runs --json`)")
+    if getattr(args, "interval", None) is not None:
+        if not args.watch:
+            raise SlmkitError("--interval: only with --watch")
+        if args.interval <= 0:
+            raise SlmkitError(f"--interval: must be > 0 seconds, got {args.interval:g}")
     if getattr(args, "runs_dir", None) == "":  # run: "" would mean the current folder
         raise SlmkitError("--runs-dir: must name a folder")

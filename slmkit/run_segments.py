@@ -68,6 +68,31 @@ def _time(event: Event | None) -> datetime | None:
         return None
 
 
+#: how far back before its latest ``train_step`` a process's recent speed looks, seconds
+RECENT_S = 60.0
+
+
+def recent_steps_per_s(segment: Segment, recent_s: float = RECENT_S) -> float | None:
+    """The process's recent speed in steps per second, from its ``train_step`` events: those
+    logged in the ``recent_s`` seconds before its latest one (its latest two when fewer), by
+    their steps and timestamps. The evaluations, samples and checkpoints in between count,
+    since they take the run's time too. ``None`` before two such events."""
+    points: list[tuple[datetime, int]] = []
+    for event in segment:
+        step, when = event.get("step"), _time(event)
+        if event.get("event") == "train_step" and type(step) is int and when is not None:
+            points.append((when, step))
+    if len(points) < 2:
+        return None
+    last_time, last_step = points[-1]
+    recent = [p for p in points[:-1] if (last_time - p[0]).total_seconds() <= recent_s]
+    first_time, first_step = recent[0] if recent else points[-2]
+    seconds = (last_time - first_time).total_seconds()
+    if seconds <= 0 or last_step <= first_step:
+        return None
+    return (last_step - first_step) / seconds
+
+
 def whole_run_tokens_per_s(segments: Sequence[Segment], tokens_per_step: int) -> float | None:
     """Training tokens per second over the steps the run kept, all processes together.
 

@@ -24,6 +24,7 @@ from slmkit.errors import SlmkitError
 from slmkit.probe_curves import ProbeMetric, probe_metrics
 from slmkit.run_segments import (
     environment_history,
+    recent_steps_per_s,
     split_segments,
     started,
     status,
@@ -86,6 +87,8 @@ class RunRecord:
     corpus_sha256: str | None = None
     #: the metrics the run's probes logged at its evaluations (docs/probes.md)
     probes: list[ProbeMetric] = attrs.field(factory=list)
+    #: the latest process's recent steps per second, from its log (the ETA of ``runs --watch``)
+    steps_per_s: float | None = None
 
     @property
     def floor_per_token(self) -> float | None:
@@ -278,6 +281,7 @@ def _record(
         last_val_excess=excess[max(excess)] if excess else None,
         corpus_sha256=as_text(as_table(first_start.get("corpus")).get("sha256")),
         probes=probe_metrics(events, problems),
+        steps_per_s=recent_steps_per_s(segment),
     )
 
 
