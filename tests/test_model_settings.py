@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import attrs
 import pytest
@@ -11,8 +12,10 @@ import torch
 from torch import nn
 
 import slmkit
-from slmkit import testing
+from slmkit import checkpoint, testing
+from slmkit.build import load_trained
 from slmkit.cli import main
+from slmkit.plugins import PluginManager
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -179,3 +182,27 @@ def test_bad_values_are_one_line_naming_the_file_and_the_key(
     err = capsys.readouterr().err
     assert err.startswith(f"slmkit: error: {path}: {bad.message}"), err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# -- saved and loaded ------------------------------------------------------------------------
+
+
+def test_a_saved_model_without_final_norm_and_with_torch_init_loads_and_evaluates_alike(
+    tmp_path: Path,
+) -> None:
+    run = testing.train_tiny(
+        steps=3,
+        experiment={"model": {"final_norm": False, "init": "torch"}},
+        folder=tmp_path,
+    )
+    trained = load_trained(run.run_dir, PluginManager(entry_points=False).load(), device="cpu")
+    assert trained.model.ln_f is None
+    saved = checkpoint.load(checkpoint.resolve(run.run_dir))["model"]
+    assert not [name for name in saved if name.startswith("ln_f")]
+    loaded = trained.model.state_dict()
+    assert loaded.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
+    idx = torch.randint(trained.model.dims.vocab_size, (2, 12), generator=torch.Generator())
+    with torch.no_grad():
+        assert torch.equal(trained.model(idx)[0], run.model(idx)[0])
