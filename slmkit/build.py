@@ -79,6 +79,8 @@ def build_model(exp: Experiment, tokenizer: Tokenizer) -> LanguageModel:
         lambda layer: construct(exp, exp.model, "model", dims, layer),
         pad_id=tokenizer.pad_id,
         learned_positions=getattr(exp.model.component.factory, "learned_positions", True),
+        final_norm=exp.model.final_norm,
+        init=exp.model.init,
     )
     if exp.model.tie_embeddings:
         model.tie_embeddings()

@@ -55,9 +55,10 @@ def register_blocks(register: Register) -> None:
     ``layer`` the block's depth from 0 to ``n_layers - 1`` (the module becomes
     ``blocks.<layer>``). The block initialises its own weights in its constructor (the
     kernel only initialises the embeddings and the head; see
-    :func:`slmkit.init_gpt2_weights`). A factory with the attribute
-    ``learned_positions = False`` (e.g. a block using rotary embeddings, which reads
-    ``ctx.positions``) gets a model without the learned position table.
+    :func:`slmkit.init_gpt2_weights`), unless ``[model] init = "torch"``: then every module
+    with a ``reset_parameters`` gets PyTorch's default once the model is built. A factory
+    with the attribute ``learned_positions = False`` (e.g. a block using rotary embeddings,
+    which reads ``ctx.positions``) gets a model without the learned position table.
     The experiment picks one with ``[model] block = "..."``.
     """
 

@@ -4,6 +4,8 @@
            -> block 0 -> ... -> block N-1 -> LayerNorm -> head -> logits
 
 The kernel owns this frame; what happens inside a block is the block plugin's business.
+``final_norm=False`` leaves out the LayerNorm (the head reads the last block's output);
+``init="torch"`` gives every module PyTorch's default initialisation instead of GPT-2's.
 ``generate`` samples with a KV cache (each layer keeps its keys and values, so a new token
 costs one position of work) or, for comparison, by recomputing the whole context.
 """
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.components import BlockContext, KVCache, ModelDims
+from slmkit.config.schema import MODEL_INITS
 from slmkit.dropout_mask import Dropout
 from slmkit.hookpoint import HookPoint, name_hook_points
 
@@ -36,7 +39,12 @@ class FinalNorm(nn.LayerNorm):
 
 
 class LanguageModel(nn.Module):
-    """A decoder-only language model assembled from ``n_layers`` blocks."""
+    """A decoder-only language model assembled from ``n_layers`` blocks.
+
+    ``final_norm``: a LayerNorm between the last block and the head (``ln_f``, else None);
+    ``init``: ``"gpt2"`` (the blocks' own initialisation, N(0, 0.02) embeddings and head)
+    or ``"torch"`` (:func:`reset_to_torch_defaults` once every module is built).
+    """
 
     def __init__(
         self,
@@ -45,8 +53,12 @@ class LanguageModel(nn.Module):
         pad_id: int | None = None,
         *,
         learned_positions: bool = True,
+        final_norm: bool = True,
+        init: str = "gpt2",
     ) -> None:
         super().__init__()
+        if init not in MODEL_INITS:
+            raise ValueError(f"init must be one of {MODEL_INITS}, got {init!r}")
         self.dims = dims
         self.pad_id = pad_id
         self.tok_emb = nn.Embedding(dims.vocab_size, dims.d_model)
@@ -57,11 +69,14 @@ class LanguageModel(nn.Module):
         self.hook_embed = HookPoint()
         self.drop = Dropout(dims.dropout)
         self.blocks = nn.ModuleList(make_block(layer) for layer in range(dims.n_layers))
-        self.ln_f = FinalNorm(dims.d_model)
+        self.ln_f = FinalNorm(dims.d_model) if final_norm else None
         self.head = nn.Linear(dims.d_model, dims.vocab_size, bias=False)
-        for module in (self.tok_emb, self.pos_emb, self.head):
-            if module is not None:
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)  # GPT-2 initialisation
+        if init == "torch":
+            reset_to_torch_defaults(self)
+        else:
+            for module in (self.tok_emb, self.pos_emb, self.head):
+                if module is not None:
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)  # GPT-2 initialisation
         #: every hook point, by its module path (``blocks.0.hook_resid_post``...)
         self.hook_points = name_hook_points(self)
 
@@ -137,12 +152,12 @@ class LanguageModel(nn.Module):
         return logits, self.loss(logits, targets)
 
     def readout(self, residual: torch.Tensor) -> torch.Tensor:
-        """Logits of a residual stream ``(..., d_model)``: the final norm, then the head.
+        """Logits of a residual stream ``(..., d_model)``: the final norm (if any), the head.
 
         What the model does to the last block's output; a probe reading an earlier layer's
         residual stream this way gets the logit lens (nostalgebraist, 2020).
         """
-        return self.head(self.ln_f(residual))
+        return self.head(residual if self.ln_f is None else self.ln_f(residual))
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean next-token cross-entropy the model trains on (padding ignored).
@@ -230,6 +245,21 @@ class LanguageModel(nn.Module):
             out[:, n : n + 1] = torch.multinomial(probs, num_samples=1, generator=generator)
             pending = out[:, n : n + 1]
         return out
+
+
+def reset_to_torch_defaults(model: nn.Module) -> None:
+    """Give every module of ``model`` PyTorch's default initialisation, in module order.
+
+    Each module that defines ``reset_parameters`` (``nn.Linear``: Kaiming-uniform weights
+    and uniform biases within ``1/sqrt(fan_in)``; ``nn.Embedding``: N(0, 1); norms: ones
+    and zeros) calls it, drawing from the torch RNG after the blocks built themselves, so
+    whatever a block's constructor did to such modules (GPT-2's N(0, 0.02)) is undone.
+    Parameters a block holds outside such modules keep the block's own initialisation.
+    """
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if module is not model and callable(reset):
+            reset()
 
 
 def filter_logits(

@@ -5,8 +5,11 @@ Top, one panel per probe, every run in its colour (as in the loss curves): the p
 scalars (one line style each) and per-layer metrics (a line per layer, named ``L0``, ``L1``...
 at its end) against step on the left axis; its layer x head metrics on the right axis (on
 the left when the probe has nothing else), as the band between the lowest and the highest
-head with the highest head drawn as a line. Below, for the first :data:`HEATMAP_RUNS` runs,
-a heatmap of each layer x head metric at the run's latest evaluation. Needs matplotlib.
+head with the highest head drawn as a line, and a vertical line where a score's highest
+head first passes :data:`FORMED_SCORE` (the head has formed: the induction heads' phase
+change shows as the loss curves bending at that line). Below, for the first
+:data:`HEATMAP_RUNS` runs, a heatmap of each layer x head metric at the run's latest
+evaluation. Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ if TYPE_CHECKING:  # matplotlib is an optional extra, imported when a picture is
 
 #: runs whose heads are drawn as heatmaps (the curves show every run)
 HEATMAP_RUNS = 4
-#: panels side by side
+#: panels side by side, at most (fewer when there are fewer to draw, so they are wider)
 COLUMNS = 3
+#: a score (a head's share of attention on its pattern's position) above which a head
+#: counts as formed: docs/probes.md calls such a head an induction (previous-token) head
+FORMED_SCORE = 0.5
 #: the picture's width, the height of a row of curve panels, inches
 WIDTH_INCHES = 12.0
 CURVE_ROW_INCHES = 3.4
@@ -104,8 +110,9 @@ def probes_figure(records: Sequence[RunRecord]) -> Figure:
 
 
 def _draw_curves(figure: FigureBase, records: Sequence[RunRecord], probes: list[str]) -> None:
-    """One panel per probe, :data:`COLUMNS` side by side; every run in its colour."""
-    panels = figure.subplots(math.ceil(len(probes) / COLUMNS), COLUMNS, squeeze=False).flatten()
+    """One panel per probe, :data:`COLUMNS` side by side at most; every run in its colour."""
+    columns = min(COLUMNS, len(probes))
+    panels = figure.subplots(math.ceil(len(probes) / columns), columns, squeeze=False).flatten()
     for axes in panels[len(probes) :]:
         axes.set_visible(False)
     for axes, probe in zip(panels, probes, strict=False):
@@ -125,7 +132,7 @@ def _draw_probe(axes: Axes, probe: str, records: Sequence[RunRecord]) -> None:
         color = f"C{i % 10}"
         for m in metrics:
             if m.shape == LAYER_HEAD:
-                _draw_head_band(heads, m, color, band_alpha)
+                _draw_head_band(heads, m, i, band_alpha)
             else:
                 _draw_flat(axes, m, color, styles[m.metric])
     _label_probe(axes, heads if grids else None, probe, styles, grids)
@@ -145,8 +152,11 @@ def _draw_flat(axes: Axes, metric: ProbeMetric, color: str, style: LineStyle) ->
                       va="center")  # fmt: skip
 
 
-def _draw_head_band(axes: Axes, metric: ProbeMetric, color: str, alpha: float) -> None:
-    """The band from the lowest to the highest head; the highest head as a line."""
+def _draw_head_band(axes: Axes, metric: ProbeMetric, run: int, alpha: float) -> None:
+    """The band from the lowest to the highest head; the highest head as a line; for a
+    score, the step where it first passes :data:`FORMED_SCORE` from below (the ``run``-th
+    run's note a line lower than the one before, so that they do not cover each other)."""
+    color = f"C{run % 10}"
     highest = metric.head_summary("max")
     lowest = metric.head_summary("min")
     axes.fill_between(metric.steps, lowest, highest, color=color, alpha=alpha, linewidth=0)
@@ -155,6 +165,22 @@ def _draw_head_band(axes: Axes, metric: ProbeMetric, color: str, alpha: float) -
     axes.annotate(f"L{layer} H{head}", (metric.steps[-1], value), xytext=(3, 0),
                   textcoords="offset points", fontsize="x-small", color=color,
                   va="center")  # fmt: skip
+    formed = formed_step(metric) if metric.metric.endswith("score") else None
+    if formed is not None:
+        axes.axvline(formed, color=color, linestyle=":", linewidth=1)
+        axes.annotate(f"> {FORMED_SCORE:g} at step {formed}", (formed, 1.0),
+                      xycoords=("data", "axes fraction"), xytext=(3, -3 - 9 * run),
+                      textcoords="offset points", fontsize="x-small", color=color,
+                      va="top")  # fmt: skip
+
+
+def formed_step(metric: ProbeMetric) -> int | None:
+    """The first step where the highest head's score passes :data:`FORMED_SCORE`, after
+    starting at or below it (None: it never does, or it was above from the start)."""
+    highest = metric.head_summary("max")
+    if not highest or not highest[0] <= FORMED_SCORE:
+        return None
+    return next((s for s, v in zip(metric.steps, highest, strict=True) if v > FORMED_SCORE), None)
 
 
 def _label_probe(
@@ -173,6 +199,8 @@ def _label_probe(
     ]
     if len(styles) == 1:  # several: the legend names them
         axes.set_ylabel(next(iter(styles)))
+    elif styles and all(name.startswith("loss") for name in styles):
+        axes.set_ylabel("loss (nats)")
     if heads is not None:
         names = ", ".join(grids)
         heads.set_ylabel(f"{names} (highest head)")
@@ -181,7 +209,11 @@ def _label_probe(
         handles.append(Line2D([], [], color="0.3", linewidth=2, marker="o", markersize=3,
                               label=f"{names}: highest head"))  # fmt: skip
         handles.append(Patch(color="0.3", alpha=0.15, label="lowest to highest head"))
-    axes.legend(handles=handles, fontsize="x-small", loc="best")
+    # "best" sees only this axis's lines, not the heads' on the right axis: with both, the
+    # left middle (high losses and low scores early, low losses and high scores late) is
+    # where the curves of a forming head leave room
+    twin = heads is not None and heads is not axes
+    axes.legend(handles=handles, fontsize="x-small", loc="center left" if twin else "best")
 
 
 def _draw_heatmaps(
@@ -189,7 +221,8 @@ def _draw_heatmaps(
 ) -> None:
     """A heatmap of each layer x head metric at each run's latest evaluation; scores on
     [0, 1], other metrics on the range of the values shown (shared by the runs)."""
-    panels = figure.subplots(len(runs) * rows_per_run, COLUMNS, squeeze=False)
+    columns = min(COLUMNS, len(grids))
+    panels = figure.subplots(len(runs) * rows_per_run, columns, squeeze=False)
     ranges = {key: _value_range(key, runs) for key in grids}
     for r, record in enumerate(runs):
         metrics = {m.key: m for m in record.probes if m.shape == LAYER_HEAD}

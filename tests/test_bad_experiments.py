@@ -22,6 +22,8 @@ BAD: list[tuple[dict, str]] = [
     ({"model": {"n_layer": 4}}, "model.n_layer"),
     ({"model": {"attention": "flash"}}, "model.attention"),
     ({"model": {"block": "llama"}}, "model.block"),
+    ({"model": {"init": "xavier"}}, "model.init"),
+    ({"model": {"final_norm": "no"}}, "model.final_norm"),
     ({"model": 3}, "model"),
     ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
     ({"data": {"val_fraction": 0}}, "data.val_fraction"),

@@ -20,8 +20,8 @@ import tomli_w
 from conftest import TINY, merge
 
 from slmkit.cli import main
-from slmkit.probe_curves import LAYER_HEAD, PER_LAYER, SCALAR
-from slmkit.probe_figure import HEATMAP_RUNS, heatmap_runs, probes_figure
+from slmkit.probe_curves import LAYER_HEAD, PER_LAYER, SCALAR, ProbeMetric
+from slmkit.probe_figure import HEATMAP_RUNS, formed_step, heatmap_runs, probes_figure
 from slmkit.runs import read_run
 
 STEPS = [0, 50, 100, 150]
@@ -225,6 +225,43 @@ def test_the_picture_draws_a_panel_per_probe_and_a_heatmap_per_score(tmp_path: P
     image = maps[0].images[0]
     assert image.get_clim() == (0.0, 1.0)
     assert image.get_array().tolist() == induction_score(150)
+
+
+def test_the_step_where_a_score_first_passes_one_half_is_marked(tmp_path: Path) -> None:
+    figure = probes_figure([read_run(probed_run(tmp_path))])
+    curves = figure.subfigs[0]
+    induction, previous = curves.axes[0], curves.axes[1]
+    assert induction.get_ylabel() == "loss (nats)"  # the three induction losses
+    right = next(a for a in curves.axes if a is not induction
+                 and a.bbox.bounds == induction.bbox.bounds)  # fmt: skip
+    marks = [line for line in right.lines if list(line.get_xdata()) == [100, 100]]
+    assert len(marks) == 1  # the highest head: 0.08, 0.08, 0.71 at step 100, 0.92
+    assert [t.get_text() for t in right.texts if "at step" in t.get_text()] == ["> 0.5 at step 100"]
+    # previous_token's best head is at 0.9 from the first evaluation: nothing formed in view
+    assert not [t for t in previous.texts if "at step" in t.get_text()]
+
+
+def test_formed_step_is_the_first_crossing_from_below() -> None:
+    def metric(highest: list[float]) -> ProbeMetric:
+        values = [[[0.0, v]] for v in highest]
+        return ProbeMetric("induction", "score", LAYER_HEAD, [10, 20, 30], values)
+
+    assert formed_step(metric([0.1, 0.6, 0.4])) == 20
+    assert formed_step(metric([0.5, 0.5, 0.51])) == 30  # 0.5 itself is not above
+    assert formed_step(metric([0.1, 0.2, 0.3])) is None
+    assert formed_step(metric([0.7, 0.2, 0.9])) is None  # above at the start: no crossing seen
+
+
+def test_two_probes_fill_the_width_in_two_columns(tmp_path: Path) -> None:
+    events: list[dict[str, Any]] = []
+    for step in STEPS:
+        events += [e for e in probe_events(step) if e["probe"] != "logit_lens"]
+    figure = probes_figure([read_run(write_run(tmp_path, "two", events))])
+    curves, heads = figure.subfigs
+    panels = [a for a in curves.axes if a.get_title()]
+    assert [a.get_title() for a in panels] == ["induction", "previous_token"]
+    assert all(a.get_visible() for a in curves.axes)  # no empty third column
+    assert len(heads.axes) == 2 * 2  # two heatmaps and their colour bars
 
 
 def test_heatmaps_are_drawn_for_the_first_runs_only(tmp_path: Path) -> None:

@@ -218,11 +218,15 @@ def test_the_induction_batch_is_a_random_sequence_repeated_once() -> None:
     assert set(repeating.flatten().tolist()) == {0, 1, 2, 4}
 
 
-def test_logit_lens_reads_each_layer_and_the_last_is_the_models_own_loss() -> None:
+@pytest.mark.parametrize("final_norm", [True, False])
+def test_logit_lens_reads_each_layer_and_the_last_is_the_models_own_loss(final_norm: bool) -> None:
     dims = ModelDims(n_layers=3, d_model=16, n_heads=2, d_ff=24, dropout=0.0,
                      context_length=12, vocab_size=11)  # fmt: skip
     torch.manual_seed(0)
-    model = LanguageModel(dims, lambda layer: GPTBlock(GPTOptions(), dims, layer)).eval()
+    model = LanguageModel(
+        dims, lambda layer: GPTBlock(GPTOptions(), dims, layer), final_norm=final_norm
+    ).eval()
+    assert (model.ln_f is None) is not final_norm
     probe = LogitLens(TextOptions(batch_size=5, seq_len=9))
     lens = measure(probe, model, seed=4)["loss"]
     val_tokens = torch.randint(11, (400,), generator=torch.Generator())
@@ -236,7 +240,8 @@ def test_logit_lens_reads_each_layer_and_the_last_is_the_models_own_loss() -> No
         by_hand = []
         for block in model.blocks:
             residual = block(residual, slmkit.BlockContext(torch.arange(9)))
-            logits = model.head(model.ln_f(residual))
+            # without a final norm the head reads the residual stream itself
+            logits = model.head(model.ln_f(residual) if final_norm else residual)
             by_hand.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
     assert own_loss is not None
     assert len(lens) == 3

@@ -84,6 +84,10 @@ class TokenizerSection:
     component: Component | None = attrs.field(default=None, eq=False, repr=False)
 
 
+#: the values of ``[model] init``: GPT-2's initialisation, or PyTorch's defaults
+MODEL_INITS = ("gpt2", "torch")
+
+
 @attrs.define(frozen=True)
 class ModelSection:
     """``[model]``: model-wide sizes, the block component and its options."""
@@ -97,6 +101,10 @@ class ModelSection:
     context_length: int = attrs.field(default=256, validator=positive)
     #: share the token embedding matrix with the output head
     tie_embeddings: bool = False
+    #: a LayerNorm between the last block and the head
+    final_norm: bool = True
+    #: "gpt2" (N(0, 0.02), residual projections scaled by depth) or "torch" (its defaults)
+    init: str = attrs.field(default="gpt2", validator=one_of(MODEL_INITS))
     options: Any = None
     #: the registered component the name resolved to (filled in by resolution)
     component: Component | None = attrs.field(default=None, eq=False, repr=False)
