@@ -1,0 +1,387 @@
+"""Trackers: the [[trackers]] kind, what they record of a run's events, TensorBoard,
+trackio, `slmkit export`, and a failing tracker that never stops the run."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import ROOT, events, train
+
+import slmkit
+from slmkit.cli import main
+from slmkit.config.resolve import experiment_from_dict, load_experiment
+from slmkit.errors import ConfigError
+from slmkit.plugins import PluginManager
+from slmkit.run_segments import kept_events
+from slmkit.runlog import read_events
+from slmkit.train import Trainer
+
+TENSORBOARD = {"trackers": [{"name": "tensorboard"}]}
+
+
+# -- what trackers record of an event ------------------------------------------------------
+
+
+def test_tracked_values_of_each_kind_of_event() -> None:
+    def values(event: dict[str, Any]) -> slmkit.TrackedValues | None:
+        return slmkit.tracked_values({"run_id": "r", "timestamp": "t", **event})
+
+    step = values({"event": "train_step", "step": 4, "train_loss": 2.5, "lr": 1e-3,
+                   "tokens_per_s": 900.0})  # fmt: skip
+    assert step == slmkit.TrackedValues(
+        4, scalars={"train/loss": 2.5, "train/lr": 1e-3, "train/tokens_per_s": 900.0}
+    )
+    evaluation = values({"event": "eval", "step": 6, "val_loss": 2.0, "val_bpc": 2.9,
+                         "val_floor": 1.1, "val_excess": 0.3})  # fmt: skip
+    assert evaluation is not None and evaluation.scalars == {
+        "val/loss": 2.0, "val/bpc": 2.9, "val/floor": 1.1, "val/excess": 0.3}  # fmt: skip
+    # a NaN loss is logged as null and named in `nonfinite`: recorded as NaN again
+    diverged = values({"event": "train_step", "step": 5, "train_loss": None, "lr": 0.1,
+                       "tokens_per_s": 1.0, "nonfinite": {"train_loss": "nan"}})  # fmt: skip
+    assert diverged is not None and math.isnan(diverged.scalars["train/loss"])
+    hook = values({"event": "forward_hook", "name": "attention_entropy", "phase": "train",
+                   "step": 2, "metrics": {"blocks.0.attn.hook_pattern": [1.5, None, 0.5]},
+                   "nonfinite": {"metrics.blocks.0.attn.hook_pattern.1": "inf"}})  # fmt: skip
+    # lists of numbers are histograms of their finite values
+    assert hook == slmkit.TrackedValues(
+        2,
+        histograms={"forward_hook/attention_entropy/train/blocks.0.attn.hook_pattern": [1.5, 0.5]},
+    )
+    probe = values({"event": "probe", "step": 6, "probe": "induction", "plugin": "p",
+                    "metrics": {"loss_drop": 0.25, "score": [[0.1, 0.2], [0.3, 0.4]]}})  # fmt: skip
+    assert probe == slmkit.TrackedValues(
+        6, scalars={"probe/induction/loss_drop": 0.25},
+        histograms={"probe/induction/score": [0.1, 0.2, 0.3, 0.4]},
+    )  # fmt: skip
+    update = values({"event": "update_hook", "name": "clip_grad_norm", "step": 3,
+                     "metrics": {"grad_norm": 1.25, "clipped": True}})  # fmt: skip
+    assert update == slmkit.TrackedValues(3, scalars={"update_hook/clip_grad_norm/grad_norm": 1.25})
+    sample = values({"event": "sample", "step": 3, "prompt": "\n", "sample_text": "a*b\n# c"})
+    assert sample == slmkit.TrackedValues(3, texts={"sample": "    \n    a*b\n    # c"})
+    mine = values({"event": "my_plugin", "step": 7, "count": 3, "label": "x"})
+    assert mine == slmkit.TrackedValues(7, scalars={"my_plugin/count": 3.0})
+    end = values({"event": "run_end", "summary": {"steps": 6, "train_loss": 2.1, "val_loss": 2.2,
+                  "best_val_loss": 2.0, "val_bpc": 3.0, "elapsed_s": 9.0}})  # fmt: skip
+    assert end == slmkit.TrackedValues(6, final=True, scalars={
+        "final/train_loss": 2.1, "final/val_loss": 2.2, "final/best_val_loss": 2.0,
+        "final/val_bpc": 3.0})  # fmt: skip
+    assert values({"event": "run_start", "resumed_from_step": None}) is None
+    assert values({"event": "checkpoint", "step": 3, "path": "checkpoints/step_3.pt"}) is None
+    # what a store holds at a step or later is left out
+    assert step.unrecorded({"train/loss": 4, "train/lr": 3}).tags == [
+        "train/lr",
+        "train/tokens_per_s",
+    ]
+
+
+def test_tracked_run_hparams_are_dotted_plain_values() -> None:
+    run = slmkit.TrackedRun("r", Path("runs/r"), "tiny", {
+        "model": {"n_layers": 2, "dropout": 0.0}, "plugins": {"enable": []},
+        "optimizer": {"betas": [0.9, 0.95]}, "probes": [{"name": "induction", "seed": 0}],
+    })  # fmt: skip
+    assert run.hparams == {
+        "model.dropout": 0.0, "model.n_layers": 2, "optimizer.betas": "[0.9, 0.95]",
+        "plugins.enable": "[]", "probes.0.name": "induction", "probes.0.seed": 0,
+    }  # fmt: skip
+
+
+def test_kept_events_leave_out_what_a_resumed_run_trained_again() -> None:
+    log = [
+        {"event": "run_start", "resumed_from_step": None},
+        *({"event": "train_step", "step": s, "p": 1} for s in (1, 2, 3, 4)),
+        {"event": "checkpoint", "step": 2},
+        {"event": "run_start", "resumed_from_step": 2},
+        *({"event": "train_step", "step": s, "p": 2} for s in (3, 4, 5)),
+        {"event": "run_end", "summary": {"steps": 5}},
+    ]
+    assert [(e["event"], e.get("step"), e.get("p")) for e in kept_events(log)] == [
+        ("run_start", None, None), ("train_step", 1, 1), ("train_step", 2, 1),
+        ("checkpoint", 2, None), ("run_start", None, None), ("train_step", 3, 2),
+        ("train_step", 4, 2), ("train_step", 5, 2), ("run_end", None, None),
+    ]  # fmt: skip
+
+
+# -- the [[trackers]] kind -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"name": "tensorbord"}, "trackers.0.name: unknown tracker 'tensorbord' (did you "
+                                 "mean 'tensorboard'?); known: tensorboard"),
+        ({"name": "tensorboard", "flush": 3}, "trackers.0.flush: unknown key (did you mean "
+         "'flush_secs'?); expected one of: name, enabled, folder, flush_secs"),
+        ({"name": "tensorboard", "flush_secs": 0}, "trackers.0.flush_secs: must be > 0, got 0"),
+        ({"name": "tensorboard", "folder": "../x"}, "trackers.0.folder: must be a folder inside "
+                                                    "the run folder, got '../x'"),
+        ({"name": "tensorboard", "enabled": "yes"}, "trackers.0.enabled: expected true or "
+                                                    "false, got string 'yes'"),
+    ],
+)  # fmt: skip
+def test_a_bad_trackers_table_is_refused_naming_the_key(
+    manager: PluginManager, table: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^x\.toml: {re.escape(message)}$"):
+        experiment_from_dict({"trackers": [table]}, manager, "x.toml")
+
+
+def test_validate_refuses_a_bad_tracker_in_one_line(write_experiment, capsys) -> None:
+    path = write_experiment({"trackers": [{"name": "tensorboard", "flush_secs": -1}]})
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"slmkit: error: {path}: trackers.0.flush_secs: must be > 0, got -1\n"
+    )
+
+
+def test_trackers_are_not_part_of_the_config_hash(manager: PluginManager) -> None:
+    # they only watch: a run may be resumed with a tracker added, and runs with and
+    # without one are the same experiment
+    plain = experiment_from_dict({}, manager, "a")
+    tracked = experiment_from_dict(TENSORBOARD, manager, "b")
+    assert plain.config_hash == tracked.config_hash
+    assert tracked.to_dict()["trackers"] == [
+        {"name": "tensorboard", "enabled": True, "folder": "tensorboard", "flush_secs": 10}
+    ]
+
+
+def test_the_trackers_experiment_is_quick_streamed_to_the_built_in_trackers(
+    manager: PluginManager,
+) -> None:
+    quick = load_experiment(ROOT / "experiments" / "quick.toml", manager).to_dict()
+    tracked = load_experiment(ROOT / "experiments" / "trackers.toml", manager).to_dict()
+    assert [t["name"] for t in tracked.pop("trackers")] == ["tensorboard"]
+    assert tracked["experiment"].pop("name") == "trackers"
+    quick["experiment"].pop("name")
+    assert quick.pop("trackers") == []
+    assert tracked == quick
+
+
+# -- TensorBoard ---------------------------------------------------------------------------
+
+
+def tensorboard_records(run_dir: Path) -> dict[str, list[tuple[int, Any]]]:
+    """Every value of the run's event files as written, in order, files in name order:
+    ``{tag: [(step, value)]}`` (scalars as floats, texts as strings, histograms as their
+    count of values, the hparams as their session's hparams)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.util.tensor_util import make_ndarray
+
+    found: dict[str, list[tuple[int, Any]]] = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():  # values as tensors, whatever the API
+            for value in event.summary.value:
+                plugin = value.metadata.plugin_data.plugin_name
+                if plugin == "hparams":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(
+                        value.metadata.plugin_data.content
+                    )
+                    got: Any = dict(data.session_start_info.hparams) or None
+                elif plugin == "text":
+                    got = make_ndarray(value.tensor).item().decode()
+                elif plugin == "histograms":  # buckets of (left, right, count)
+                    got = int(make_ndarray(value.tensor)[:, 2].sum())
+                else:
+                    got = float(make_ndarray(value.tensor))
+                found.setdefault(value.tag, []).append((event.step, got))
+    return found
+
+
+def tracked_records(
+    log: list[dict[str, Any]], text_suffix: str = ""
+) -> dict[str, list[tuple[int, Any]]]:
+    """The tracked values of ``log``'s events, ``{tag: [(step, value)]}``, as the stores keep
+    them: scalars as float32, histograms as their count of values, texts as written (under
+    their tag and ``text_suffix``)."""
+    records: dict[str, list[tuple[int, Any]]] = {}
+    for event in log:
+        values = slmkit.tracked_values(event)
+        if values is None:
+            continue
+        for tag, value in values.scalars.items():
+            records.setdefault(tag, []).append((values.step, float(np.float32(value))))
+        for tag, numbers in values.histograms.items():
+            records.setdefault(tag, []).append((values.step, len(numbers)))
+        for tag, text in values.texts.items():
+            records.setdefault(tag + text_suffix, []).append((values.step, text))
+    return records
+
+
+#: what a step trained again after a resume measures anew: a store keeps the first value
+NOT_REPEATED = ("train/tokens_per_s", "thread_contention/")
+
+
+def nan_as_text(records: dict[str, list[tuple[int, Any]]]) -> dict[str, list[tuple[int, Any]]]:
+    """``records`` sorted by step, NaN as ``"nan"`` (so that equal records compare equal)."""
+    return {
+        tag: sorted((s, "nan" if isinstance(v, float) and math.isnan(v) else v) for s, v in values)
+        for tag, values in records.items()
+    }
+
+
+def assert_holds_the_log_once(
+    records: dict[str, list[tuple[int, Any]]], run_dir: Path, text_suffix: str = ""
+) -> None:
+    """A store's ``records`` of a run hold each step of a tag once: every value the run's
+    log kept, maybe some a killed process logged past its checkpoint, nothing else; the
+    values of the kept steps are the log's (bar those measured anew, like tokens/s)."""
+    log = read_events(run_dir / "log.jsonl")
+    kept, logged = tracked_records(kept_events(log), text_suffix), tracked_records(log, text_suffix)
+    for tag, values in records.items():
+        assert len({s for s, _ in values}) == len(values), f"{tag}: a step twice: {values}"
+
+    def pairs(r: dict[str, list[tuple[int, Any]]]) -> set[tuple[str, int]]:
+        return {(tag, s) for tag, values in r.items() for s, _ in values}
+
+    assert pairs(kept) <= pairs(records) <= pairs(logged)
+    repeated = {tag for tag in kept if not tag.startswith(NOT_REPEATED)}
+    assert nan_as_text({t: records[t] for t in repeated}) == nan_as_text(
+        {t: kept[t] for t in repeated}
+    )
+
+
+def assert_tensorboard_holds_the_log_once(run_dir: Path) -> dict[str, list[tuple[int, Any]]]:
+    records = tensorboard_records(run_dir)
+    hparams = {t: records.pop(t) for t in list(records) if t.startswith("_hparams_/")}
+    assert_holds_the_log_once(records, run_dir, "/text_summary")
+    (end,) = events(run_dir, "run_end")
+    summaries = ("experiment", "session_start_info", "session_end_info")
+    assert {tag: [s for s, _ in v] for tag, v in hparams.items()} == {
+        f"_hparams_/{summary}": [end["summary"]["steps"]] for summary in summaries
+    }
+    return records
+
+
+def test_tensorboard_records_a_run_once_with_its_hparams(write_experiment, manager, tmp_path):
+    path = write_experiment({**TENSORBOARD, "update_hooks": [{"name": "grad_stats"}],
+                             "forward_hooks": [{"name": "attention_entropy"}]})  # fmt: skip
+    run_dir = train(path, tmp_path / "runs", manager)
+    records = assert_tensorboard_holds_the_log_once(run_dir)
+    log = read_events(run_dir / "log.jsonl")
+    assert records["train/loss"] == [
+        (e["step"], float(np.float32(e["train_loss"]))) for e in log if e["event"] == "train_step"
+    ]
+    assert [s for s, _ in records["val/loss"]] == [3, 6]
+    assert [s for s, _ in records["sample/text_summary"]] == [3, 6]
+    assert [s for s, _ in records["update_hook/grad_stats/total"]] == [1, 2, 3, 4, 5, 6]
+    assert "forward_hook/attention_entropy/train/blocks.1.attn.hook_pattern" in records
+    (end,) = events(run_dir, "run_end")
+    assert records["final/best_val_loss"] == [
+        (6, float(np.float32(end["summary"]["best_val_loss"])))
+    ]
+    hparams = tensorboard_records(run_dir)["_hparams_/session_start_info"][0][1]
+    assert hparams["model.d_model"].number_value == 32
+    assert hparams["tokenizer.name"].string_value == "char"
+    assert hparams["trackers.0.name"].string_value == "tensorboard"
+
+
+def test_a_resumed_run_continues_the_same_tensorboard_record_once(
+    write_experiment, manager, tmp_path, monkeypatch
+) -> None:
+    # the first process logs steps 1..6 and crashes in the evaluation of step 6; the
+    # resumed one trains 4..6 again (bit for bit): what the files hold is not written twice
+    evaluate = Trainer._evaluate
+
+    def crash_at_6(self: Trainer, run: slmkit.Run) -> None:
+        if self.state.step == 6:
+            raise RuntimeError("crash")
+        evaluate(self, run)
+
+    monkeypatch.setattr(Trainer, "_evaluate", crash_at_6)
+    path = write_experiment(TENSORBOARD)
+    runs = tmp_path / "runs"
+    with pytest.raises(RuntimeError, match="crash"):
+        train(path, runs, manager)
+    (run_dir,) = runs.iterdir()
+    held = tensorboard_records(run_dir)
+    assert [s for s, _ in held["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in held["val/loss"]] == [3]
+    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
+    train(path, runs, manager, resume=run_dir)
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    records = assert_tensorboard_holds_the_log_once(run_dir)
+    assert records["train/loss"] == held["train/loss"]  # nothing written again
+    assert [s for s, _ in records["val/loss"]] == [3, 6]
+
+
+# -- a failing tracker never stops the run --------------------------------------------------
+
+
+def test_a_missing_tracker_package_is_one_line_and_the_run_completes(
+    write_experiment, manager, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    path = write_experiment(TENSORBOARD)
+    runs = tmp_path / "runs"
+    assert main(["run", str(path), "--runs-dir", str(runs)]) == 0
+    (run_dir,) = runs.iterdir()
+    line = (
+        "slmkit: warning: tracker 'tensorboard' (slmkit_builtin.tensorboard) failed at step 0: "
+        "ImportError: TensorBoard is not installed (import of torch.utils.tensorboard halted; "
+        "None in sys.modules): pip install 'slmkit[tensorboard]' (or uv sync --extra "
+        "tensorboard); the run goes on without it"
+    )
+    assert capsys.readouterr().err.splitlines() == [line]
+    log = read_events(run_dir / "log.jsonl")
+    (failed,) = [e for e in log if e["event"] == "tracker_failed"]
+    assert (failed["tracker"], failed["plugin"], failed["step"]) == (
+        "tensorboard", "slmkit_builtin.tensorboard", 0)  # fmt: skip
+    assert [e["step"] for e in log if e["event"] == "train_step"] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["event"] == "run_end"
+    assert not (run_dir / "tensorboard").exists()
+
+
+#: what FlakyTracker saw
+FLAKY: dict[str, Any] = {}
+
+
+class FlakyTracker:
+    """Records steps until step 4, where its disk is full."""
+
+    def __init__(self, options: Any) -> None:
+        FLAKY.clear()
+
+    def open(self, run: slmkit.TrackedRun) -> None:
+        FLAKY["opened"] = run
+
+    def record(self, event: dict[str, Any]) -> None:
+        if event.get("step") == 4:
+            raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        FLAKY["closed"] = True
+
+
+class FlakyPlugin:
+    @slmkit.hookimpl
+    def register_trackers(self, register: slmkit.Register) -> None:
+        register("flaky", FlakyTracker)
+
+
+def test_a_tracker_failing_midway_is_dropped_once_and_the_others_go_on(
+    write_experiment, manager, tmp_path, capsys
+) -> None:
+    manager.add(FlakyPlugin(), "flaky-plugin")
+    path = write_experiment({"plugins": {"enable": ["flaky-plugin"]},
+                             "trackers": [{"name": "flaky"}, {"name": "tensorboard"}]})  # fmt: skip
+    run_dir = train(path, tmp_path / "runs", manager)
+    assert capsys.readouterr().err.splitlines() == [
+        "slmkit: warning: tracker 'flaky' (flaky-plugin) failed at step 4: OSError: [Errno 28] "
+        "No space left on device; the run goes on without it"
+    ]
+    opened = FLAKY["opened"]
+    assert (opened.run_id, opened.run_dir, opened.name) == (run_dir.name, run_dir, "tiny")
+    assert opened.experiment["model"]["d_model"] == 32 and opened.sweep is None
+    assert FLAKY["closed"]  # closed after its failure: what it held may still be written
+    log = read_events(run_dir / "log.jsonl")
+    (failed,) = [e for e in log if e["event"] == "tracker_failed"]
+    assert (failed["tracker"], failed["step"]) == ("flaky", 4)
+    assert [e["step"] for e in log if e["event"] == "train_step"] == [1, 2, 3, 4, 5, 6]
+    assert log[-1]["event"] == "run_end"
+    assert_tensorboard_holds_the_log_once(run_dir)  # the other tracker had everything
