@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,6 +74,8 @@ class TrackedValues:
     #: ``run_end``: the scalars are the run's final metrics (``final/...``), what an
     #: hparams view compares runs by
     final: bool = False
+    #: when the event was logged, in seconds since the epoch (None if the log lacks it)
+    time: float | None = None
 
     @property
     def tags(self) -> list[str]:
@@ -135,16 +138,16 @@ def tracked_values(event: Mapping[str, Any]) -> TrackedValues | None:
     logged as ``null`` for being NaN or infinite is recorded as that float again.
     """
     fields = _restored(dict(event))
-    name = str(fields.get("event"))
+    name, time = str(fields.get("event")), _seconds(fields.get("timestamp"))
     if name == "run_end":
-        return _final(fields.get("summary"))
+        return _final(fields.get("summary"), time)
     step = fields.get("step")
     if not isinstance(step, int) or isinstance(step, bool):
         return None
     if name == "sample":
         text = f"{fields.get('prompt') or ''}{fields.get('sample_text') or ''}"
-        return TrackedValues(step, texts={"sample": _code_block(text)})
-    values = TrackedValues(step)
+        return TrackedValues(step, texts={"sample": _code_block(text)}, time=time)
+    values = TrackedValues(step, time=time)
     if isinstance(fields.get("metrics"), Mapping):
         labels = [fields.get(k) for k in ("name", "probe", "phase")]
         prefix = "/".join([name, *(str(label) for label in labels if isinstance(label, str))])
@@ -158,7 +161,15 @@ def tracked_values(event: Mapping[str, Any]) -> TrackedValues | None:
     return values if values.tags else None
 
 
-def _final(summary: Any) -> TrackedValues | None:
+def _seconds(timestamp: Any) -> float | None:
+    """An event's ISO-8601 ``timestamp`` in seconds since the epoch; None if it has none."""
+    try:
+        return datetime.fromisoformat(str(timestamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _final(summary: Any, time: float | None) -> TrackedValues | None:
     if not isinstance(summary, Mapping) or not isinstance(summary.get("steps"), int):
         return None
     scalars = {
@@ -166,7 +177,7 @@ def _final(summary: Any) -> TrackedValues | None:
         for key in FINAL_METRICS
         if isinstance(summary.get(key), int | float) and not isinstance(summary[key], bool)
     }
-    return TrackedValues(summary["steps"], scalars=scalars, final=True)
+    return TrackedValues(summary["steps"], scalars=scalars, final=True, time=time)
 
 
 def _collect(values: TrackedValues, tag: str, value: Any) -> None:

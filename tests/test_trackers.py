@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 import re
+import signal
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +21,13 @@ from slmkit.cli import main
 from slmkit.config.resolve import experiment_from_dict, load_experiment
 from slmkit.errors import ConfigError
 from slmkit.plugins import PluginManager
+from slmkit.progress import Console
 from slmkit.run_segments import kept_events
 from slmkit.runlog import read_events
 from slmkit.train import Trainer
 
 TENSORBOARD = {"trackers": [{"name": "tensorboard"}]}
+BOTH = {"trackers": [{"name": "tensorboard"}, {"name": "trackio"}]}
 
 
 # -- what trackers record of an event ------------------------------------------------------
@@ -64,6 +69,10 @@ def test_tracked_values_of_each_kind_of_event() -> None:
     assert update == slmkit.TrackedValues(3, scalars={"update_hook/clip_grad_norm/grad_norm": 1.25})
     sample = values({"event": "sample", "step": 3, "prompt": "\n", "sample_text": "a*b\n# c"})
     assert sample == slmkit.TrackedValues(3, texts={"sample": "    \n    a*b\n    # c"})
+    # when the event was logged comes along (a replay or an export keeps it)
+    logged = slmkit.tracked_values({"event": "eval", "step": 2, "val_loss": 1.0,
+                                    "timestamp": "2026-12-01T22:07:50.5Z"})  # fmt: skip
+    assert logged is not None and logged.time == 1796162870.5
     mine = values({"event": "my_plugin", "step": 7, "count": 3, "label": "x"})
     assert mine == slmkit.TrackedValues(7, scalars={"my_plugin/count": 3.0})
     end = values({"event": "run_end", "summary": {"steps": 6, "train_loss": 2.1, "val_loss": 2.2,
@@ -114,7 +123,7 @@ def test_kept_events_leave_out_what_a_resumed_run_trained_again() -> None:
     ("table", "message"),
     [
         ({"name": "tensorbord"}, "trackers.0.name: unknown tracker 'tensorbord' (did you "
-                                 "mean 'tensorboard'?); known: tensorboard"),
+                                 "mean 'tensorboard'?); known: tensorboard, trackio"),
         ({"name": "tensorboard", "flush": 3}, "trackers.0.flush: unknown key (did you mean "
          "'flush_secs'?); expected one of: name, enabled, folder, flush_secs"),
         ({"name": "tensorboard", "flush_secs": 0}, "trackers.0.flush_secs: must be > 0, got 0"),
@@ -155,7 +164,7 @@ def test_the_trackers_experiment_is_quick_streamed_to_the_built_in_trackers(
 ) -> None:
     quick = load_experiment(ROOT / "experiments" / "quick.toml", manager).to_dict()
     tracked = load_experiment(ROOT / "experiments" / "trackers.toml", manager).to_dict()
-    assert [t["name"] for t in tracked.pop("trackers")] == ["tensorboard"]
+    assert [t["name"] for t in tracked.pop("trackers")] == ["tensorboard", "trackio"]
     assert tracked["experiment"].pop("name") == "trackers"
     quick["experiment"].pop("name")
     assert quick.pop("trackers") == []
@@ -194,18 +203,19 @@ def tensorboard_records(run_dir: Path) -> dict[str, list[tuple[int, Any]]]:
 
 
 def tracked_records(
-    log: list[dict[str, Any]], text_suffix: str = ""
+    log: list[dict[str, Any]], text_suffix: str, float32: bool
 ) -> dict[str, list[tuple[int, Any]]]:
-    """The tracked values of ``log``'s events, ``{tag: [(step, value)]}``, as the stores keep
-    them: scalars as float32, histograms as their count of values, texts as written (under
-    their tag and ``text_suffix``)."""
+    """The tracked values of ``log``'s events, ``{tag: [(step, value)]}``, as a store keeps
+    them: scalars (as float32 if ``float32``), histograms as their count of values, texts as
+    written (under their tag and ``text_suffix``)."""
     records: dict[str, list[tuple[int, Any]]] = {}
     for event in log:
         values = slmkit.tracked_values(event)
         if values is None:
             continue
         for tag, value in values.scalars.items():
-            records.setdefault(tag, []).append((values.step, float(np.float32(value))))
+            value = float(np.float32(value)) if float32 else value
+            records.setdefault(tag, []).append((values.step, value))
         for tag, numbers in values.histograms.items():
             records.setdefault(tag, []).append((values.step, len(numbers)))
         for tag, text in values.texts.items():
@@ -226,13 +236,14 @@ def nan_as_text(records: dict[str, list[tuple[int, Any]]]) -> dict[str, list[tup
 
 
 def assert_holds_the_log_once(
-    records: dict[str, list[tuple[int, Any]]], run_dir: Path, text_suffix: str = ""
+    records: dict[str, list[tuple[int, Any]]], run_dir: Path, text_suffix: str, float32: bool
 ) -> None:
     """A store's ``records`` of a run hold each step of a tag once: every value the run's
     log kept, maybe some a killed process logged past its checkpoint, nothing else; the
     values of the kept steps are the log's (bar those measured anew, like tokens/s)."""
     log = read_events(run_dir / "log.jsonl")
-    kept, logged = tracked_records(kept_events(log), text_suffix), tracked_records(log, text_suffix)
+    kept = tracked_records(kept_events(log), text_suffix, float32)
+    logged = tracked_records(log, text_suffix, float32)
     for tag, values in records.items():
         assert len({s for s, _ in values}) == len(values), f"{tag}: a step twice: {values}"
 
@@ -249,7 +260,7 @@ def assert_holds_the_log_once(
 def assert_tensorboard_holds_the_log_once(run_dir: Path) -> dict[str, list[tuple[int, Any]]]:
     records = tensorboard_records(run_dir)
     hparams = {t: records.pop(t) for t in list(records) if t.startswith("_hparams_/")}
-    assert_holds_the_log_once(records, run_dir, "/text_summary")
+    assert_holds_the_log_once(records, run_dir, "/text_summary", float32=True)
     (end,) = events(run_dir, "run_end")
     summaries = ("experiment", "session_start_info", "session_end_info")
     assert {tag: [s for s, _ in v] for tag, v in hparams.items()} == {
@@ -275,17 +286,80 @@ def test_tensorboard_records_a_run_once_with_its_hparams(write_experiment, manag
     assert records["final/best_val_loss"] == [
         (6, float(np.float32(end["summary"]["best_val_loss"])))
     ]
+    # each value at the time it was logged
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (events_file,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    times = [e.wall_time for e in EventFileLoader(str(events_file)).Load()
+             if e.summary.value and e.summary.value[0].tag == "train/loss"]  # fmt: skip
+    assert times == [slmkit.tracked_values(e).time for e in log if e["event"] == "train_step"]
     hparams = tensorboard_records(run_dir)["_hparams_/session_start_info"][0][1]
     assert hparams["model.d_model"].number_value == 32
     assert hparams["tokenizer.name"].string_value == "char"
     assert hparams["trackers.0.name"].string_value == "tensorboard"
 
 
-def test_a_resumed_run_continues_the_same_tensorboard_record_once(
+# -- trackio ------------------------------------------------------------------------------
+
+
+def trackio_records(project: str, run_id: str) -> dict[str, list[tuple[int, Any]]]:
+    """Every value trackio's store holds of a run, read through trackio: ``{tag: [(step,
+    value)]}`` (histograms as their count of values, texts as written)."""
+    import trackio
+
+    found: dict[str, list[tuple[int, Any]]] = {}
+    for row in trackio.SQLiteStorage.get_logs(project, run_id):
+        for key, value in row.items():
+            if key in ("step", "timestamp"):
+                continue
+            kind = value.get("_type") if isinstance(value, dict) else None
+            if kind == "trackio.histogram":
+                value = int(sum(value["values"]))
+            elif kind == "trackio.markdown":
+                value = value["_value"]
+            found.setdefault(key, []).append((row["step"], value))
+    return found
+
+
+def assert_trackio_holds_the_log_once(run_dir: Path, project: str = "tiny") -> None:
+    records = trackio_records(project, run_dir.name)
+    assert_holds_the_log_once(records, run_dir, "", float32=False)
+    (end,) = events(run_dir, "run_end")
+    assert records["final/val_loss"] == [(end["summary"]["steps"], end["summary"]["val_loss"])]
+
+
+def test_trackio_records_a_run_once_in_the_experiments_project(
+    write_experiment, manager, tmp_path, trackio_store
+) -> None:
+    import trackio
+
+    path = write_experiment({"trackers": [{"name": "trackio"}],
+                             "probes": [{"name": "induction"}]})  # fmt: skip
+    sweep = {"id": "20261202-sweep-ab12", "index": 1, "size": 2, "overrides": []}
+    exp = load_experiment(path, manager)
+    summary = Trainer(exp, manager, str(path), runs_dir=tmp_path / "runs", sweep=sweep,
+                      console=Console(quiet=True)).run()  # fmt: skip
+    run_dir = Path(summary["run_dir"])
+    assert_trackio_holds_the_log_once(run_dir)
+    records = trackio_records("tiny", run_dir.name)
+    assert [s for s, _ in records["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in records["probe/induction/score"]] == [3, 6]
+    assert records["sample"][0][1].startswith("    \n    ")
+    # one run, named by the run id, in the experiment's project, grouped by its sweep
+    assert [r.name for r in trackio.Api().runs("tiny")] == [run_dir.name]
+    config = trackio.SQLiteStorage.get_run_config("tiny", run_dir.name)
+    assert config["_Group"] == sweep["id"]
+    written = tomllib.loads((run_dir / "experiment.toml").read_text())
+    hparams = slmkit.TrackedRun(run_dir.name, run_dir, "tiny", written).hparams
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == hparams
+    assert (trackio_store / "tiny.db").is_file()
+
+
+def test_a_resumed_run_continues_the_same_records_once(
     write_experiment, manager, tmp_path, monkeypatch
 ) -> None:
     # the first process logs steps 1..6 and crashes in the evaluation of step 6; the
-    # resumed one trains 4..6 again (bit for bit): what the files hold is not written twice
+    # resumed one trains 4..6 again (bit for bit): what the stores hold is not written twice
     evaluate = Trainer._evaluate
 
     def crash_at_6(self: Trainer, run: slmkit.Run) -> None:
@@ -294,7 +368,7 @@ def test_a_resumed_run_continues_the_same_tensorboard_record_once(
         evaluate(self, run)
 
     monkeypatch.setattr(Trainer, "_evaluate", crash_at_6)
-    path = write_experiment(TENSORBOARD)
+    path = write_experiment({**BOTH, "experiment": {"name": "crashing", "seed": 7}})
     runs = tmp_path / "runs"
     with pytest.raises(RuntimeError, match="crash"):
         train(path, runs, manager)
@@ -302,37 +376,86 @@ def test_a_resumed_run_continues_the_same_tensorboard_record_once(
     held = tensorboard_records(run_dir)
     assert [s for s, _ in held["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert [s for s, _ in held["val/loss"]] == [3]
+    assert [s for s, _ in trackio_records("crashing", run_dir.name)["train/loss"]] == [
+        1, 2, 3, 4, 5, 6]  # fmt: skip
     monkeypatch.setattr(Trainer, "_evaluate", evaluate)
     train(path, runs, manager, resume=run_dir)
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
     records = assert_tensorboard_holds_the_log_once(run_dir)
     assert records["train/loss"] == held["train/loss"]  # nothing written again
     assert [s for s, _ in records["val/loss"]] == [3, 6]
+    assert_trackio_holds_the_log_once(run_dir, "crashing")
+
+
+KILL_DRIVER = Path(__file__).with_name("kill_driver.py")
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_checkpoint_resumes_with_each_step_once_in_both_trackers(
+    write_experiment, tmp_path
+) -> None:
+    # SIGKILL half-way through writing the checkpoint of step 8: the log has steps 1..8,
+    # the trackers whatever they had flushed; the resumed process continues from step 4
+    path = write_experiment({
+        **BOTH, "experiment": {"name": "killed", "seed": 7},
+        "training": {"max_steps": 12, "checkpoint_every": 4, "eval_every": 4, "threads": 1},
+        "sampling": {"every": 4, "max_new_tokens": 8},
+    })  # fmt: skip
+    runs = tmp_path / "runs"
+    command = [sys.executable, str(KILL_DRIVER), "save", "2", "run", str(path)]
+    killed = subprocess.run([*command, "--runs-dir", str(runs)], capture_output=True, text=True,
+                            timeout=600, check=False)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (run_dir,) = runs.iterdir()
+    logged = read_events(run_dir / "log.jsonl")
+    assert [e["step"] for e in logged if e["event"] == "train_step"] == list(range(1, 9))
+    resumed = subprocess.run(
+        [sys.executable, "-m", "slmkit", "run", str(path), "--resume", str(run_dir)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "tracker" not in resumed.stderr
+    records = assert_tensorboard_holds_the_log_once(run_dir)
+    assert [s for s, _ in records["train/loss"]] == list(range(1, 13))
+    assert [s for s, _ in records["val/loss"]] == [4, 8, 12]
+    assert_trackio_holds_the_log_once(run_dir, "killed")
+    assert [s for s, _ in trackio_records("killed", run_dir.name)["train/loss"]] == list(
+        range(1, 13)
+    )
 
 
 # -- a failing tracker never stops the run --------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("tracker", "module", "extra", "missing"),
+    [
+        ("tensorboard", "torch.utils.tensorboard", "tensorboard", "TensorBoard"),
+        ("trackio", "trackio", "trackio", "trackio"),
+    ],
+)
 def test_a_missing_tracker_package_is_one_line_and_the_run_completes(
-    write_experiment, manager, tmp_path, monkeypatch, capsys
+    write_experiment, manager, tmp_path, monkeypatch, capsys, tracker, module, extra, missing
 ) -> None:
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    path = write_experiment(TENSORBOARD)
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    path = write_experiment({"trackers": [{"name": tracker}]})
     runs = tmp_path / "runs"
     assert main(["run", str(path), "--runs-dir", str(runs)]) == 0
     (run_dir,) = runs.iterdir()
-    line = (
-        "slmkit: warning: tracker 'tensorboard' (slmkit_builtin.tensorboard) failed at step 0: "
-        "ImportError: TensorBoard is not installed (import of torch.utils.tensorboard halted; "
-        "None in sys.modules): pip install 'slmkit[tensorboard]' (or uv sync --extra "
-        "tensorboard); the run goes on without it"
+    error = (
+        f"ImportError: {missing} is not installed (import of {module} halted; None in "
+        f"sys.modules): pip install 'slmkit[{extra}]' (or uv sync --extra {extra})"
     )
-    assert capsys.readouterr().err.splitlines() == [line]
+    message = f"tracker {tracker!r} (slmkit_builtin.{tracker}) failed at step 0: {error}"
+    assert capsys.readouterr().err.splitlines() == [
+        f"slmkit: warning: {message}; the run goes on without it"
+    ]
     log = read_events(run_dir / "log.jsonl")
     (failed,) = [e for e in log if e["event"] == "tracker_failed"]
-    assert (failed["tracker"], failed["plugin"], failed["step"]) == (
-        "tensorboard", "slmkit_builtin.tensorboard", 0)  # fmt: skip
+    assert (failed["tracker"], failed["plugin"], failed["step"], failed["error"]) == (
+        tracker, f"slmkit_builtin.{tracker}", 0, message)  # fmt: skip
     assert [e["step"] for e in log if e["event"] == "train_step"] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in log if e["event"] == "checkpoint"] == [3, 6]
     assert log[-1]["event"] == "run_end"
     assert not (run_dir / "tensorboard").exists()
 

@@ -93,24 +93,25 @@ class TensorBoardTracker:
         if values is None:
             return
         new, step, writer = values.unrecorded(self.held), values.step, self.writer
+        when = values.time  # when it was logged, also when replayed or exported
         for tag, value in new.scalars.items():
-            writer.add_scalar(tag, value, step)
+            writer.add_scalar(tag, value, step, walltime=when)
         for tag, numbers in new.histograms.items():
-            writer.add_histogram(tag, np.asarray(numbers, dtype=np.float64), step)
+            writer.add_histogram(tag, np.asarray(numbers, dtype=np.float64), step, walltime=when)
         for tag, text in new.texts.items():
-            writer.add_text(tag, text, step)
+            writer.add_text(tag, text, step, walltime=when)
         if values.final and self.held.get("hparams", -1) < step:
-            self._hparams(values.scalars, step)
+            self._hparams(values.scalars, step, when)
         for tag in new.tags:
             self.held[tag] = step
 
-    def _hparams(self, final: dict[str, float], step: int) -> None:
+    def _hparams(self, final: dict[str, float], step: int, when: float | None) -> None:
         """The experiment and its final metrics, for the hparams view, in this run's folder
         (``add_hparams`` would write them to a run of their own)."""
         from torch.utils.tensorboard.summary import hparams
 
         for summary in hparams(self.hparams, final):
-            self.writer.file_writer.add_summary(summary, step)
+            self.writer.file_writer.add_summary(summary, step, when)
         self.held["hparams"] = step
 
     def close(self) -> None:
