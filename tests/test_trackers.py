@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -385,6 +386,87 @@ def test_a_resumed_run_continues_the_same_records_once(
     assert records["train/loss"] == held["train/loss"]  # nothing written again
     assert [s for s, _ in records["val/loss"]] == [3, 6]
     assert_trackio_holds_the_log_once(run_dir, "crashing")
+    # exported from the log, a resumed run gives the steps it kept, each once
+    shutil.rmtree(run_dir / "tensorboard")
+    assert main(["export", str(run_dir), "--to", "tensorboard"]) == 0
+    assert_tensorboard_holds_the_log_once(run_dir)
+
+
+# -- slmkit export -------------------------------------------------------------------------
+
+
+def test_export_writes_what_streaming_wrote_and_never_twice(
+    write_experiment, manager, tmp_path, capsys
+) -> None:
+    import trackio
+
+    path = write_experiment({**BOTH, "experiment": {"name": "exported", "seed": 7},
+                             "update_hooks": [{"name": "grad_stats"}]})  # fmt: skip
+    run_dir = train(path, tmp_path / "runs", manager)
+    streamed = tensorboard_records(run_dir), trackio_records("exported", run_dir.name)
+    # the stores lose the run; exported from its log, they hold what streaming gave them,
+    # tokens/s and TensorBoard's wall times included
+    wall_times = sorted(tensorboard_wall_times(run_dir))
+    shutil.rmtree(run_dir / "tensorboard")
+    (trackio_run,) = trackio.Api().runs("exported")
+    assert trackio_run.delete()
+    for tracker in ("tensorboard", "trackio"):
+        assert (
+            main(["export", run_dir.name, "--to", tracker, "--runs-dir", str(run_dir.parent)]) == 0
+        )
+        assert capsys.readouterr().out == f"exported {run_dir} to {tracker}\n"
+    exported = tensorboard_records(run_dir), trackio_records("exported", run_dir.name)
+    assert nan_as_text(exported[0]) == nan_as_text(streamed[0])
+    assert nan_as_text(exported[1]) == nan_as_text(streamed[1])
+    assert sorted(tensorboard_wall_times(run_dir)) == wall_times
+    # exported again (or after streaming): nothing is written twice
+    assert main(["export", str(run_dir), "--to", "tensorboard"]) == 0
+    assert main(["export", str(run_dir), "--to", "trackio"]) == 0
+    assert tensorboard_records(run_dir) == exported[0]
+    assert nan_as_text(trackio_records("exported", run_dir.name)) == nan_as_text(exported[1])
+
+
+def tensorboard_wall_times(run_dir: Path) -> list[float]:
+    """The wall time of every value in the run's event files."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [
+        event.wall_time
+        for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")
+        for event in EventFileLoader(str(path)).Load()
+        for _ in event.summary.value
+    ]
+
+
+def test_an_old_run_without_trackers_joins_by_export(write_experiment, manager, tmp_path):
+    run_dir = train(write_experiment(), tmp_path / "runs", manager)
+    assert not (run_dir / "tensorboard").exists()
+    assert main(["export", str(run_dir), "--to", "tensorboard"]) == 0
+    assert_tensorboard_holds_the_log_once(run_dir)
+
+
+def test_export_refuses_with_one_line(write_experiment, manager, tmp_path, capsys, monkeypatch):
+    run_dir = train(write_experiment(), tmp_path / "runs", manager)
+    runs = str(run_dir.parent)
+    cases = [
+        (["export", "nope", "--to", "tensorboard", "--runs-dir", runs],
+         f"nope: no such run (neither a run folder nor a run id in {runs})"),
+        (["export", str(run_dir), "--to", "tensorbord"],
+         "--to: unknown tracker 'tensorbord' (did you mean 'tensorboard'?); known: "
+         "tensorboard, trackio"),
+        (["export", "--to", "tensorboard"], "export: name at least one run (a run folder or id)"),
+    ]  # fmt: skip
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    cases.append((["export", str(run_dir), "--to", "tensorboard"],
+                  f"{run_dir}: tracker 'tensorboard' (slmkit_builtin.tensorboard) failed at "
+                  "step 0: ImportError: TensorBoard is not installed (import of "
+                  "torch.utils.tensorboard halted; None in sys.modules): pip install "
+                  "'slmkit[tensorboard]' (or uv sync --extra tensorboard)"))  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err) == ("", f"slmkit: error: {message}\n")
+    assert not (run_dir / "tensorboard").exists()
 
 
 KILL_DRIVER = Path(__file__).with_name("kill_driver.py")
