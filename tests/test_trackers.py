@@ -262,10 +262,10 @@ def assert_tensorboard_holds_the_log_once(run_dir: Path) -> dict[str, list[tuple
     records = tensorboard_records(run_dir)
     hparams = {t: records.pop(t) for t in list(records) if t.startswith("_hparams_/")}
     assert_holds_the_log_once(records, run_dir, "/text_summary", float32=True)
-    (end,) = events(run_dir, "run_end")
+    first_end = events(run_dir, "run_end")[0]  # once, at the first end: TensorBoard reads that
     summaries = ("experiment", "session_start_info", "session_end_info")
     assert {tag: [s for s, _ in v] for tag, v in hparams.items()} == {
-        f"_hparams_/{summary}": [end["summary"]["steps"]] for summary in summaries
+        f"_hparams_/{summary}": [first_end["summary"]["steps"]] for summary in summaries
     }
     return records
 
@@ -298,6 +298,20 @@ def test_tensorboard_records_a_run_once_with_its_hparams(write_experiment, manag
     assert hparams["model.d_model"].number_value == 32
     assert hparams["tokenizer.name"].string_value == "char"
     assert hparams["trackers.0.name"].string_value == "tensorboard"
+
+
+def test_a_tracker_added_on_resume_catches_up_on_the_steps_before(
+    write_experiment, manager, tmp_path
+) -> None:
+    runs = tmp_path / "runs"
+    run_dir = train(write_experiment(), runs, manager)  # 6 steps, no tracker
+    # trained on to step 9 with TensorBoard added: allowed (trackers are not part of what
+    # the experiment is), and the record starts at step 1
+    longer = write_experiment({**TENSORBOARD, "training": {"max_steps": 9}}, name="more.toml")
+    train(longer, runs, manager, resume=run_dir)
+    records = assert_tensorboard_holds_the_log_once(run_dir)
+    assert [s for s, _ in records["train/loss"]] == list(range(1, 10))
+    assert [s for s, _ in records["final/val_loss"]] == [6, 9]
 
 
 # -- trackio ------------------------------------------------------------------------------

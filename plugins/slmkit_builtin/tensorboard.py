@@ -100,14 +100,15 @@ class TensorBoardTracker:
             writer.add_histogram(tag, np.asarray(numbers, dtype=np.float64), step, walltime=when)
         for tag, text in new.texts.items():
             writer.add_text(tag, text, step, walltime=when)
-        if values.final and self.held.get("hparams", -1) < step:
+        if values.final and "hparams" not in self.held:  # TensorBoard reads a run's first
             self._hparams(values.scalars, step, when)
         for tag in new.tags:
             self.held[tag] = step
 
     def _hparams(self, final: dict[str, float], step: int, when: float | None) -> None:
         """The experiment and its final metrics, for the hparams view, in this run's folder
-        (``add_hparams`` would write them to a run of their own)."""
+        (``add_hparams`` would write them to a run of their own). Once: a run trained on
+        after it finished shows its latest ``final/...`` values beside the first hparams."""
         from torch.utils.tensorboard.summary import hparams
 
         for summary in hparams(self.hparams, final):
