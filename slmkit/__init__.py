@@ -36,6 +36,13 @@ from slmkit.options import (
     two_betas,
 )
 from slmkit.param_groups import parameter_layer, weight_decay_groups
+from slmkit.tracking import (
+    TrackedRun,
+    TrackedValues,
+    Tracker,
+    TrackerFactory,
+    tracked_values,
+)
 
 if TYPE_CHECKING:
     from slmkit.blocks import causal_mask, init_gpt2_weights
@@ -150,6 +157,10 @@ __all__ = [
     "SlmkitError",
     "Tokenizer",
     "TokenizerFactory",
+    "TrackedRun",
+    "TrackedValues",
+    "Tracker",
+    "TrackerFactory",
     "UpdateHook",
     "UpdateHookFactory",
     "__version__",
@@ -163,6 +174,7 @@ __all__ = [
     "one_of",
     "parameter_layer",
     "positive",
+    "tracked_values",
     "two_betas",
     "weight_decay_groups",
 ]

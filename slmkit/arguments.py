@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="REPORT.html", help="write a self-contained HTML report")
     p.add_argument("--png", metavar="FILE.png", help="write the log-log picture as a PNG")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("export", help="replay runs from their logs into a tracker")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders or run ids")
+    p.add_argument("--to", required=True, metavar="TRACKER",
+                   help="the tracker: tensorboard, trackio (or a plugin's)")  # fmt: skip
+    p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs)")
     return parser
 
 

@@ -36,6 +36,7 @@ from slmkit.options import OptionValueError
 from slmkit.plugins import PluginManager
 from slmkit.precision import Precision
 from slmkit.probes import Probes, build_probes
+from slmkit.trackers import Trackers
 
 
 def construct(exp: Experiment, section: Any, table: str, *args: Any) -> Any:
@@ -284,6 +285,8 @@ class Parts:
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     probes: Probes | None = None
+    #: the enabled [[trackers]], opened with the run's log (rank 0's: the only one)
+    trackers: Trackers = attrs.Factory(Trackers)
 
 
 def build_parts(
@@ -337,6 +340,7 @@ def build_parts(
         probes=build_probes(
             exp, _enabled(exp, "probe", "probes"), model, tokenizer, data.splits.val
         ),
+        trackers=Trackers([entry for *_, entry in _enabled(exp, "tracker", "trackers")]),
     )
 
 

@@ -1,4 +1,5 @@
-"""The ``slmkit`` command line: run, validate, plugins, sample, eval, runs, compare, scaling."""
+"""The ``slmkit`` command line: run, validate, plugins, sample, eval, runs, compare, scaling,
+export."""
 
 from __future__ import annotations
 
@@ -237,6 +238,13 @@ def cmd_scaling(args: argparse.Namespace) -> int:
     return scaling_command(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Replay finished runs from their logs into a tracker (:mod:`slmkit.export`)."""
+    from slmkit.export import export_command
+
+    return export_command(args, _manager())
+
+
 #: each command's function, by the name the command line uses
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
@@ -247,6 +255,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "runs": cmd_runs,
     "compare": cmd_compare,
     "scaling": cmd_scaling,
+    "export": cmd_export,
 }
 
 

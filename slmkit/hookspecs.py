@@ -133,6 +133,21 @@ def register_probes(register: Register) -> None:
     """
 
 
+@hookspec
+def register_trackers(register: Register) -> None:
+    """Register tracker components (experiment trackers a run streams to: TensorBoard...).
+
+    Called once at start-up. ``factory(options)`` returns a :class:`slmkit.Tracker`,
+    opened on rank 0 when the run starts with the :class:`slmkit.TrackedRun` (``open``),
+    then given each event the run logs, the dicts ``log.jsonl`` holds (``record``;
+    :func:`slmkit.tracked_values` says what to record of one), and closed at the end;
+    ``slmkit export`` feeds a finished run's log the same way. A resumed or exported run
+    feeds events the tracker's store may hold already: it records only what it lacks. The
+    experiment enables trackers in ``[[trackers]]`` tables. A tracker that raises is
+    dropped, reported once (stderr and a ``tracker_failed`` event); the run goes on.
+    """
+
+
 # ---------------------------------------------------------------------------------------
 # Run events: observers, like Lightning callbacks. Called only on the plugins that take
 # part in the run; return values are ignored. ``run`` is the live :class:`slmkit.Run`

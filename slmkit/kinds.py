@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import attrs
 
-from slmkit import components
+from slmkit import components, tracking
 from slmkit.config import schema
 
 
@@ -53,4 +53,6 @@ KINDS: tuple[Kind, ...] = (
          schema.UpdateHookSection, components.UpdateHookFactory, many=True),
     Kind("probe", "register_probes", "probes", "name",
          schema.ProbeSection, components.ProbeFactory, many=True),
+    Kind("tracker", "register_trackers", "trackers", "name",
+         schema.TrackerSection, tracking.TrackerFactory, many=True),
 )  # fmt: skip

@@ -40,6 +40,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "slmkit_builtin.forward_hooks",
     "slmkit_builtin.update_hooks",
     "slmkit_builtin.probes",
+    "slmkit_builtin.tensorboard",
+    "slmkit_builtin.trackio",
 )
 ENTRY_POINT_GROUP = "slmkit"
 #: comma-separated plugin distributions to load from entry points (empty: none)

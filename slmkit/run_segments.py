@@ -38,6 +38,18 @@ def split_segments(events: Sequence[Event]) -> list[Segment]:
     return segments
 
 
+def kept_events(events: Sequence[Event]) -> list[Event]:
+    """The events of the steps the run kept, in order: a resumed run trains the steps after
+    its checkpoint again, so what an earlier process logged of them is left out."""
+    kept: list[Event] = []
+    for event in events:
+        resumed = event.get("resumed_from_step") if event.get("event") == "run_start" else None
+        if isinstance(resumed, int):
+            kept = [e for e in kept if not (isinstance(e.get("step"), int) and e["step"] > resumed)]
+        kept.append(event)
+    return kept
+
+
 def started(segment: Segment) -> Event:
     """The segment's ``run_start`` event (empty when the log lost it)."""
     return segment[0] if segment and segment[0].get("event") == "run_start" else {}

@@ -4,6 +4,9 @@ Every line is one event: structlog's ``event`` key names it, ``timestamp`` is IS
 and ``run_id`` is bound to every line. The file is line-buffered, so a killed run leaves
 every event it logged.
 
+A log may hand each line it wrote to a sink, parsed back: the run's trackers
+(:mod:`slmkit.trackers`), which so see exactly what ``log.jsonl`` holds.
+
 Every line is strict JSON: a NaN or infinite float (a diverged loss, an overflowing
 gradient norm) is written as ``null``, and the event's ``nonfinite`` field maps the dotted
 path of each such value to ``"nan"``, ``"inf"`` or ``"-inf"``.
@@ -11,13 +14,14 @@ path of each such value to ``"nan"``, ``"inf"`` or ``"-inf"``.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import subprocess
 import sys
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import structlog
 
@@ -27,14 +31,40 @@ if TYPE_CHECKING:  # reading logs (`slmkit runs`, `compare`) must not wait for t
     import torch
 
 
-class RunLog:
-    """Appends events to a run's ``log.jsonl``."""
+class LogSink(Protocol):
+    """What a log hands each event it wrote to (the run's trackers)."""
 
-    def __init__(self, path: Path, run_id: str) -> None:
+    def feed(self, event: dict[str, Any], log: RunLog) -> None:
+        """Take ``event``, just written to ``log``."""
+
+    def close(self) -> None:
+        """The log closes."""
+
+
+class _LineWriter(structlog.WriteLogger):
+    """structlog's file logger, handing each line, once written, to ``written``."""
+
+    def __init__(self, file: TextIO, written: Any) -> None:
+        super().__init__(file)
+        self._written = written
+
+    def msg(self, message: str) -> None:
+        """Write the line (flushed), then hand it on."""
+        super().msg(message)
+        self._written(message)
+
+    log = debug = info = warn = warning = msg
+
+
+class RunLog:
+    """Appends events to a run's ``log.jsonl`` (and hands each to ``sink``)."""
+
+    def __init__(self, path: Path, run_id: str, sink: LogSink | None = None) -> None:
         self.path = path
+        self.sink = sink
         self._file: TextIO = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         self._logger = structlog.wrap_logger(
-            structlog.WriteLogger(self._file),
+            _LineWriter(self._file, self._written),
             processors=[
                 structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
                 finite_fields,
@@ -45,10 +75,10 @@ class RunLog:
         ).bind(run_id=run_id)
 
     @classmethod
-    def open(cls, path: Path, run_id: str) -> RunLog:
+    def open(cls, path: Path, run_id: str, sink: LogSink | None = None) -> RunLog:
         """The log of a run; one that cannot be opened for appending is a one-line error."""
         try:
-            return cls(path, run_id)
+            return cls(path, run_id, sink)
         except OSError as exc:
             raise RunError(f"cannot write the run log {path}: {exc.strerror or exc}") from None
 
@@ -56,8 +86,14 @@ class RunLog:
         """Write one event line (fields may include ``name``; not ``event``)."""
         self._logger.info(event, **fields)
 
+    def _written(self, line: str) -> None:
+        if self.sink:  # the sink of a run without trackers is empty
+            self.sink.feed(json.loads(line), self)
+
     def close(self) -> None:
-        """Close the file."""
+        """Close the sink (which may still log), then the file."""
+        if self.sink is not None:
+            self.sink.close()
         self._file.close()
 
 
@@ -99,8 +135,6 @@ class NullLog:
 
 def read_events(path: Path) -> list[dict[str, Any]]:
     """Parse a ``log.jsonl`` (skipping a torn last line of a killed run)."""
-    import json
-
     events = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

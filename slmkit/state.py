@@ -20,7 +20,7 @@ import torch
 
 from slmkit import __version__, checkpoint
 from slmkit.components import Tokenizer
-from slmkit.config.diff import NOT_HASHED, changed_keys
+from slmkit.config.diff import NOT_HASHED, changed_keys, not_hashed
 from slmkit.config.resolve import experiment_from_dict
 from slmkit.config.schema import Experiment
 from slmkit.distributed import World
@@ -119,9 +119,7 @@ def load_resume(
     # Resolved again, so keys added (with defaults) since the checkpoint was written do not
     # count as changes.
     saved = experiment_from_dict(payload["experiment"], manager, f"{path} (experiment)")
-    changed = [
-        k for k in changed_keys(saved.to_dict(), exp.to_dict()) if k not in RESUMABLE_CHANGES
-    ]
+    changed = [k for k in changed_keys(saved.to_dict(), exp.to_dict()) if not not_hashed(k)]
     if changed:
         raise CheckpointError(
             f"{path}: the experiment differs from the checkpoint's in "

@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from slmkit.config.diff import NOT_HASHED, changed_keys
+from slmkit.config.diff import changed_keys, not_hashed
 from slmkit.config.resolve import load_experiment
 from slmkit.config.schema import Experiment
 from slmkit.distributed import World
@@ -170,7 +170,7 @@ def _check_experiment(option: str, member: Member, record: RunRecord) -> None:
     if record.status == "damaged" or record.config_hash == member.exp.config_hash:
         return  # a damaged folder's resume fails on its own, as that member's failure
     written = tomllib.loads(member.exp.to_toml())  # the shape experiment.toml has
-    keys = [k for k in changed_keys(record.experiment, written) if k not in NOT_HASHED]
+    keys = [k for k in changed_keys(record.experiment, written) if not not_hashed(k)]
     raise SlmkitError(
         f"{option}: run {member.index + 1}'s experiment differs from "
         f"{record.run_dir / 'experiment.toml'} in {', '.join(keys) or 'its config_hash'}; "

@@ -100,7 +100,7 @@ class Trainer:
         self.forward_hooks = parts.forward_hooks if world.is_main else None
         self.probes = parts.probes if world.is_main else None
         self.update_hooks, self.optimizer = parts.update_hooks, parts.optimizer
-        self.schedule, precision = parts.schedule, parts.precision
+        self.schedule, precision, self.trackers = parts.schedule, parts.precision, parts.trackers
         self.stepper = Stepper(
             exp, self.model, self.optimizer, self.schedule, self.data.stream, precision,
             world, self.console, self.forward_hooks, self.update_hooks,
@@ -263,7 +263,7 @@ class Trainer:
             removed = write_run_files(run_dir, *files)
             if removed:
                 self.console.say(f"removed {len(removed)} temporary file(s) of killed writes")
-            log = RunLog.open(run_dir / "log.jsonl", run_id)
+            log = RunLog.open(run_dir / "log.jsonl", run_id, self.trackers)  # trackers: rank 0
             return run_id, str(run_dir)
 
         run_id, folder = self.world.from_main(make_folder)

@@ -75,6 +75,16 @@ def write_experiment(tmp_path: Path):
     return write
 
 
+@pytest.fixture(autouse=True, scope="session")
+def trackio_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """trackio's store for the whole session: ``TRACKIO_DIR``, which trackio reads once, when
+    it is first imported (also by the runs tests start), so no test writes to the home folder."""
+    assert "trackio" not in sys.modules, "trackio was imported before its store was set"
+    store = tmp_path_factory.mktemp("trackio")
+    os.environ["TRACKIO_DIR"] = str(store)
+    return store
+
+
 @pytest.fixture
 def manager() -> PluginManager:
     """A fresh manager with the built-ins and no entry points."""

@@ -169,13 +169,14 @@ def test_the_parser_lists_every_command_and_its_arguments() -> None:
     """What the property test draws from (a new command or option shows up here)."""
     commands = subcommands()
     assert sorted(commands) == [
-        "compare", "eval", "plugins", "run", "runs", "sample", "scaling", "validate",
+        "compare", "eval", "export", "plugins", "run", "runs", "sample", "scaling", "validate",
     ]  # fmt: skip
     fuzzed = {name: sorted(a.dest for a in arguments(p)) for name, p in commands.items()}
     assert fuzzed["sample"] == ["device", "max_new_tokens", "prompt", "run", "seed",
                                 "temperature", "top_k", "top_p"]  # fmt: skip
     assert fuzzed["scaling"] == ["budget", "leave_out", "out", "png", "resamples", "runs",
                                  "runs_dir", "seed", "sweep"]  # fmt: skip
+    assert fuzzed["export"] == ["runs", "runs_dir", "to"]
     assert fuzzed["run"] == [
         "experiment", "init_from", "jobs", "resume", "resume_sweep", "runs_dir", "seeds", "set",
         "sweep", "sweep_member", "threads",

@@ -19,7 +19,7 @@ def spec_names() -> list[str]:
 
 def test_every_hook_spec_has_a_docstring_and_a_section_in_docs() -> None:
     headings = set(re.findall(r"^### (\w+)$", (ROOT / "docs" / "hooks.md").read_text(), re.M))
-    assert len(spec_names()) == 13
+    assert len(spec_names()) == 14
     for name in spec_names():
         assert getattr(hookspecs, name).__doc__, name
         assert name in headings, f"docs/hooks.md has no section for {name}"
@@ -32,6 +32,7 @@ def test_every_experiment_key_is_in_the_reference() -> None:
         experiment.TokenizerSection, experiment.ModelSection, experiment.OptimizerSection,
         experiment.ScheduleSection, experiment.TrainingSection, experiment.SamplingSection,
         experiment.ForwardHookSection, experiment.UpdateHookSection, experiment.ProbeSection,
+        experiment.TrackerSection,
     ):  # fmt: skip
         for field in attrs.fields(cls):
             if field.name not in ("options", "component"):

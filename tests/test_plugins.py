@@ -63,6 +63,8 @@ def test_builtins_provide_the_reference_components(manager: PluginManager) -> No
         ("probe", "previous_token"): "slmkit_builtin.probes",
         ("probe", "logit_lens"): "slmkit_builtin.probes",
         ("probe", "attention_entropy"): "slmkit_builtin.probes",
+        ("tracker", "tensorboard"): "slmkit_builtin.tensorboard",
+        ("tracker", "trackio"): "slmkit_builtin.trackio",
     }
     assert [p.name for p in manager.all_plugins()] == list(DEFAULT_PLUGINS)
     assert all(p.builtin and not p.broken for p in manager.all_plugins())

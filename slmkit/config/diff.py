@@ -12,9 +12,15 @@ from typing import Any
 
 #: keys that do not change which experiment a run is, so ``config_hash`` leaves them out and
 #: a resume may change them: how long it trains, in steps or in FLOPs (a resume may extend
-#: it; ``slmkit runs`` shows it apart) and how many CPU threads compute it (recorded with the
-#: environment). Runs written before ``max_flops`` existed keep their hash.
-NOT_HASHED = ("training.max_steps", "training.max_flops", "training.threads")
+#: it; ``slmkit runs`` shows it apart), how many CPU threads compute it (recorded with the
+#: environment) and the ``[[trackers]]`` it streams to (a whole table: they only watch).
+#: Runs written before ``max_flops`` existed keep their hash.
+NOT_HASHED = ("training.max_steps", "training.max_flops", "training.threads", "trackers")
+
+
+def not_hashed(key: str) -> bool:
+    """Whether the dotted ``key`` is one :data:`NOT_HASHED` names, or inside such a table."""
+    return any(key == name or key.startswith(f"{name}.") for name in NOT_HASHED)
 
 
 def config_hash(experiment: Mapping[str, Any]) -> str:
@@ -22,10 +28,12 @@ def config_hash(experiment: Mapping[str, Any]) -> str:
 
     Empty arrays of tables count as absent, as in ``experiment.toml``.
     """
-    defining: dict[str, Any] = {k: v for k, v in experiment.items() if v != []}
+    defining: dict[str, Any] = {
+        k: v for k, v in experiment.items() if v != [] and k not in NOT_HASHED
+    }
     for dotted in NOT_HASHED:
-        table, key = dotted.split(".")
-        if isinstance(defining.get(table), Mapping):
+        table, _, key = dotted.partition(".")
+        if key and isinstance(defining.get(table), Mapping):
             defining[table] = {k: v for k, v in defining[table].items() if k != key}
     canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

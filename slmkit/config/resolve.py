@@ -88,6 +88,20 @@ def experiment_from_dict(
     return Experiment(**sections, arrays=arrays, participants=tuple(participants), source=source)
 
 
+def resolve_table(
+    kind_name: str,
+    table: Mapping[str, Any],
+    manager: PluginManager,
+    participants: Sequence[str],
+    source: str,
+    prefix: str,
+) -> Any:
+    """One table of the kind ``kind_name`` resolved on its own (``slmkit export`` builds a
+    tracker from one ``[[trackers]]`` table); errors name ``source`` and ``prefix``."""
+    (kind,) = [k for k in kinds.KINDS if k.name == kind_name]
+    return _resolve(kind, table, manager, participants, source, prefix)
+
+
 def _resolve(
     kind: Kind,
     table: Any,

@@ -218,6 +218,17 @@ class ProbeSection:
     component: Component | None = attrs.field(default=None, eq=False, repr=False)
 
 
+@attrs.define(frozen=True)
+class TrackerSection:
+    """One ``[[trackers]]`` table: the experiment tracker a run streams to, its options."""
+
+    name: str
+    enabled: bool = True
+    options: Any = None
+    #: the registered component the name resolved to (filled in by resolution)
+    component: Component | None = attrs.field(default=None, eq=False, repr=False)
+
+
 #: the tables of one section each, in the order experiment files and dumps show them
 SECTION_TABLES: tuple[str, ...] = (
     "experiment",

@@ -1,0 +1,70 @@
+"""``slmkit export RUN... --to TRACKER``: runs replayed from their logs into a tracker.
+
+Each run's kept events (``log.jsonl``, without what a resumed run trained again) are fed
+to the tracker exactly as a live run feeds its trackers (:meth:`Trackers.replay`), so an
+exported run and a streamed one hold the same values. The tracker is built with the
+options of the run's own ``[[trackers]]`` table of that name, if it has one (TensorBoard's
+folder, trackio's project), else with the tracker's defaults. Trackers record only what
+their store lacks, so exporting a run that streamed (or was exported) before adds nothing,
+and completes one whose tracker failed or was added later.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from slmkit.config.resolve import resolve_table
+from slmkit.errors import ConfigError, SlmkitError
+from slmkit.options import OptionValueError
+from slmkit.plugins import PluginManager
+from slmkit.runfiles import read_experiment
+from slmkit.runs import read_run, resolve_run
+from slmkit.trackers import EnabledTracker, TrackerFailed, Trackers
+
+
+def export_command(args: argparse.Namespace, manager: PluginManager) -> int:
+    """Export every run named (all checked first) to the tracker ``args.to``."""
+    if not args.runs:
+        raise SlmkitError("export: name at least one run (a run folder or id)")
+    runs = [resolve_run(name, args.runs_dir) for name in args.runs]
+    trackers = [tracker_for(run_dir, args.to, manager) for run_dir in runs]
+    for run_dir, tracker in zip(runs, trackers, strict=True):
+        try:
+            Trackers([tracker]).replay(run_dir)
+        except TrackerFailed as exc:
+            raise SlmkitError(f"{run_dir}: {exc}") from None
+        print(f"exported {run_dir} to {args.to}")
+    return 0
+
+
+def tracker_for(run_dir: Path, name: str, manager: PluginManager) -> EnabledTracker:
+    """The tracker ``name`` for a run: with the options of its ``[[trackers]]`` table of
+    that name, if it has one. A running or damaged run is refused with one line."""
+    record = read_run(run_dir)
+    if record.status in ("running", "damaged"):
+        raise SlmkitError(
+            f"{run_dir}: {record.status} ({record.status_detail}); export a run that has "
+            "stopped, whose files are whole"
+        )
+    source = str(run_dir / "experiment.toml")
+    experiment = read_experiment(run_dir / "experiment.toml", [])
+    plugins: dict[str, Any] = experiment.get("plugins", {})
+    participants = manager.participants(plugins.get("enable", []), plugins.get("disable", []))
+    tables = experiment.get("trackers", [])
+    index = next((i for i, t in enumerate(tables) if t.get("name") == name), None)
+    if index is None:  # not a tracker of the run: its defaults, the name as --to gave it
+        try:
+            section = resolve_table("tracker", {"name": name}, manager, participants, "--to", "")
+        except ConfigError as exc:
+            raise SlmkitError(f"--to: {exc.message}") from None
+    else:
+        prefix = f"trackers.{index}"
+        section = resolve_table("tracker", tables[index], manager, participants, source, prefix)
+    try:
+        tracker = section.component.factory(section.options)
+    except OptionValueError as exc:  # a bad combination of options
+        where = f"{source}: trackers.{index}" if index is not None else f"--to {name}"
+        raise SlmkitError(f"{where}.{exc.key}: {exc.message}") from None
+    return EnabledTracker(name, section.component.plugin, tracker)
