@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -17,7 +16,6 @@ import torch
 
 from slmkit import checkpoint
 from slmkit.components import Corpus, ModelDims, Schedule, Tokenizer
-from slmkit.config.resolve import experiment_from_dict
 from slmkit.config.schema import Experiment
 from slmkit.data import (
     BatchStream,
@@ -28,12 +26,11 @@ from slmkit.data import (
     unknown_warning,
     validation_batches,
 )
-from slmkit.errors import CheckpointError, ConfigError, DataError
+from slmkit.errors import ConfigError, DataError
 from slmkit.floor import Floor, floor_metrics, has_floor
 from slmkit.hooks import EnabledHook, ForwardHooks, UpdateHooks, select_points
 from slmkit.model import LanguageModel
 from slmkit.options import OptionValueError
-from slmkit.plugins import PluginManager
 from slmkit.precision import Precision
 from slmkit.probes import Probes, build_probes
 from slmkit.trackers import Trackers
@@ -359,43 +356,3 @@ def resolve_device(name: str, source: str) -> torch.device:
     if not available[name]:
         raise ConfigError(source, "training.device", f"{name!r} is not available on this machine")
     return torch.device(name)
-
-
-@attrs.define
-class TrainedModel:
-    """A model rebuilt from a checkpoint, with what it was trained with."""
-
-    experiment: Experiment
-    tokenizer: Tokenizer
-    model: LanguageModel
-    device: torch.device
-    step: int
-    path: Path
-    #: ranks of the run that wrote it: its validation batches held batch_size x this windows
-    world_size: int = 1
-    #: the precision it trained in ("fp32", "bf16", "fp16"; None: not kept by older files)
-    precision: str | None = None
-
-
-def load_trained(path: str | Path, manager: PluginManager, device: str = "auto") -> TrainedModel:
-    """Rebuild the model of a checkpoint (or a run folder's latest) in eval mode."""
-    ckpt_path = checkpoint.resolve(path)
-    payload = checkpoint.load(ckpt_path)
-    exp = experiment_from_dict(payload["experiment"], manager, source=f"{ckpt_path} (experiment)")
-    tokenizer = build_tokenizer(exp)
-    tokenizer.load_state_dict(payload["tokenizer"]["state"])
-    target = resolve_device(device, str(ckpt_path))
-    with torch.device("meta"):  # no initialisation work: the weights come from the file
-        model = build_model(exp, tokenizer)
-    model = model.to_empty(device=target)
-    if exp.model.tie_embeddings:  # to_empty gives each module its own new tensor
-        model.tie_embeddings()
-    model.load_state_dict(payload["model"])
-    bad = model.nonfinite_parameters()
-    if bad:  # what it would compute is NaN: refuse rather than report nan
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise CheckpointError(f"{ckpt_path}: its weights are not finite ({bad[0]}{more})")
-    model.eval()
-    world_size, precision = int(payload.get("world_size", 1)), payload.get("precision")
-    step = int(payload["step"])
-    return TrainedModel(exp, tokenizer, model, target, step, ckpt_path, world_size, precision)

@@ -117,8 +117,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Generate text from a saved model."""
-    from slmkit.build import load_trained
     from slmkit.evaluate import sample_text
+    from slmkit.trained import load_trained
 
     trained = load_trained(args.run, _manager(), args.device)
     text = sample_text(
@@ -139,10 +139,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Recompute the validation loss of a saved model."""
-    from slmkit.build import build_data, load_trained
+    from slmkit.build import build_data
     from slmkit.errors import RunError
     from slmkit.evaluate import bits_per_char, evaluate
     from slmkit.precision import Precision
+    from slmkit.trained import load_trained
 
     trained = load_trained(args.run, _manager(), args.device)
     # in the precision it trained in, as its logged validation losses were computed

@@ -13,9 +13,9 @@ from torch import nn
 
 import slmkit
 from slmkit import checkpoint, testing
-from slmkit.build import load_trained
 from slmkit.cli import main
 from slmkit.plugins import PluginManager
+from slmkit.trained import load_trained
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,7 +15,7 @@ from conftest import TINY, Interrupt, assert_same_parameters, events, merge
 import slmkit
 import slmkit.stepper
 from slmkit import checkpoint
-from slmkit.build import build_model, build_tokenizer, load_trained
+from slmkit.build import build_model, build_tokenizer
 from slmkit.cli import main
 from slmkit.components import ModelDims
 from slmkit.config.resolve import experiment_from_dict, load_experiment
@@ -25,6 +25,7 @@ from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
 from slmkit.train import Trainer
+from slmkit.trained import load_trained
 
 #: short runs: no evaluation, sample or checkpoint before the last step
 QUICK: dict[str, Any] = {
