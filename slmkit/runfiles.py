@@ -13,11 +13,22 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from slmkit.config.schema import kernel_defaults
+
 
 def read_experiment(path: Path, problems: list[str]) -> dict[str, Any]:
-    """The run's resolved experiment, or ``{}`` (and a problem) when it cannot be read."""
+    """The run's resolved experiment, or ``{}`` (and a problem) when it cannot be read.
+
+    Kernel keys added after the run was written are filled in with what it ran with
+    (:func:`slmkit.config.schema.kernel_defaults`), so that an older run compares, groups
+    and hashes like a run of today with the same settings.
+    """
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        experiment = tomllib.loads(path.read_text(encoding="utf-8"))
+        for table, defaults in kernel_defaults().items():
+            if isinstance(experiment.get(table), dict):
+                experiment[table] = {**defaults, **experiment[table]}
+        return experiment
     except FileNotFoundError:
         problems.append("experiment.toml is missing")
     except OSError as exc:

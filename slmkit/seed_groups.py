@@ -18,7 +18,7 @@ import attrs
 from slmkit.config.diff import changed_keys, flatten
 from slmkit.config.reading import parse_override
 from slmkit.errors import ConfigError, SlmkitError
-from slmkit.runs import RunRecord, lookup
+from slmkit.runs import MISSING, RunRecord, lookup
 from slmkit.runs_table import format_value
 
 #: keys that do not make runs different experiments: the seed (what a group varies), what
@@ -78,7 +78,9 @@ def _defining(record: RunRecord) -> str:
 def group_runs(records: Sequence[RunRecord]) -> list[Group]:
     """Runs whose experiments differ only in :data:`LABEL_KEYS`, grouped in first-seen order.
 
-    Each group's ``values`` are the keys in which any two groups differ.
+    Each group's ``values`` are the keys in which any two groups differ, less the keys
+    some group lacks (the options of another component: ``optimizer.momentum`` of muon
+    beside adamw's ``optimizer.betas``) while the labels stay apart without them.
     """
     by_experiment: dict[str, list[RunRecord]] = {}
     for record in records:
@@ -88,8 +90,11 @@ def group_runs(records: Sequence[RunRecord]) -> list[Group]:
     for other in members[1:]:
         keys.update(changed_keys(members[0][0].experiment, other[0].experiment))
     ordered = sorted(keys.difference(LABEL_KEYS))
-    return [Group({key: lookup(runs[0].experiment, key) for key in ordered}, runs)
-            for runs in members]  # fmt: skip
+    groups = [Group({key: lookup(runs[0].experiment, key) for key in ordered}, runs)
+              for runs in members]  # fmt: skip
+    shared = [k for k in ordered if all(g.values[k] is not MISSING for g in groups)]
+    short = [Group({k: g.values[k] for k in shared}, g.runs) for g in groups]
+    return short if len({g.label for g in short}) == len(groups) else groups
 
 
 #: how the run log's corpus hash and the validation windows are named in a refusal

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from slmkit.errors import SlmkitError
-from slmkit.runs import Curve, RunRecord
+from slmkit.runs import MISSING, Curve, RunRecord
 from slmkit.seed_groups import Group, check_same_validation_set, group_runs, left_out, pick_baseline
 
 #: the confidence of every interval, and the significance level of every test
@@ -325,7 +325,8 @@ def analysis_json(analysis: SeedAnalysis) -> dict[str, Any]:
         "groups": [
             {
                 "label": g.group.label,
-                "values": g.group.values,
+                # a key the group's runs lack: null
+                "values": {k: None if v is MISSING else v for k, v in g.group.values.items()},
                 "baseline": i == analysis.baseline,
                 "n": g.n,
                 "runs": [r.run_id for r in g.group.runs],

@@ -319,6 +319,52 @@ def test_a_group_of_one_beside_a_group_of_three(seed_sweep) -> None:
     assert "no test (needs 2+ runs in both)" in out
 
 
+def drop_key(run_dir: Path, table: str, key: str) -> None:
+    path = run_dir / "experiment.toml"
+    experiment = tomllib.loads(path.read_text(encoding="utf-8"))
+    del experiment[table][key]
+    path.write_text(tomli_w.dumps(experiment), encoding="utf-8")
+
+
+def test_a_run_written_before_a_kernel_key_existed_groups_with_runs_of_today(
+    seed_sweep, tmp_path: Path
+) -> None:
+    runs = copies(seed_sweep, tmp_path / "old")
+    drop_key(runs[0], "model", "final_norm")  # as a run folder of before the key
+    drop_key(runs[1], "training", "precision")  # absent: the fp32 it was added with
+    edit_experiment(runs[2], "training", "precision", "fp32")
+    assert read_run(runs[0]).config_hash == read_run(seed_sweep["runs"][0]).config_hash
+    result = compare_json(*map(str, runs))
+    assert [(g["label"], len(g["runs"])) for g in result["groups"]] == [
+        ("optimizer.learning_rate=0.001", 3), ("optimizer.learning_rate=0.003", 3),
+    ]  # fmt: skip
+    code, out, _ = run_main("compare", *map(str, runs[:3]))
+    assert code == 0 and "(absent)" not in out and "model.final_norm" not in out
+
+
+def test_group_labels_leave_out_another_components_options_while_they_stay_apart(
+    seed_sweep, tmp_path: Path
+) -> None:
+    runs = copies(seed_sweep, tmp_path / "opt")
+    for run in runs[3:]:  # the second learning rate's runs as another optimizer's
+        edit_experiment(run, "optimizer", "name", "other")
+        drop_key(run, "optimizer", "betas")
+        edit_experiment(run, "optimizer", "momentum", 0.9)
+    labels = [g["label"] for g in compare_json(*map(str, runs))["groups"]]
+    assert labels == [
+        'optimizer.learning_rate=0.001, optimizer.name="adamw"',
+        'optimizer.learning_rate=0.003, optimizer.name="other"',
+    ]
+    for run in runs[3:]:  # now apart only in keys each group lacks: those are the labels
+        edit_experiment(run, "optimizer", "name", "adamw")
+        edit_experiment(run, "optimizer", "learning_rate", 0.001)
+    labels = [g["label"] for g in compare_json(*map(str, runs))["groups"]]
+    assert labels == [
+        "optimizer.betas=[0.9, 0.95], optimizer.momentum=(absent)",
+        "optimizer.betas=(absent), optimizer.momentum=0.9",
+    ]
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 

@@ -297,3 +297,34 @@ class Experiment:
         """What defines the experiment, hashed: every key but ``training.max_steps``,
         ``training.max_flops`` and ``training.threads`` (:func:`slmkit.config.diff.config_hash`)."""
         return config_hash(self.to_dict())
+
+
+#: keys whose default changed after they were added: what their absence in an older run
+#: folder's experiment.toml means (the default they were added with)
+ABSENT_MEANS: dict[tuple[str, str], Any] = {("training", "precision"): "fp32"}
+
+
+def kernel_defaults() -> dict[str, dict[str, Any]]:
+    """Each single table's kernel keys, with what a run folder lacking one ran with.
+
+    What a run folder's ``experiment.toml`` written before a key existed means by its
+    absence: a key is added with the default that keeps what runs did before it (or, when
+    that default changed since, the one in :data:`ABSENT_MEANS`). Components' options are
+    left out, and ``experiment.seeds``: run folders never hold it (see ``to_dict``).
+    """
+    hints = attrs.resolve_types(Experiment)
+    out: dict[str, dict[str, Any]] = {}
+    for table in SECTION_TABLES:
+        section: Any = attrs.fields_dict(hints)[table].type
+        defaults = {}
+        for field in attrs.fields(section):
+            if field.name in ("options", "component", "seeds"):
+                continue
+            default = field.default
+            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                default = default.factory()
+            default = ABSENT_MEANS.get((table, field.name), default)
+            if default is not attrs.NOTHING:
+                defaults[field.name] = default
+        out[table] = defaults
+    return out
