@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="runs side by side: config diff, metrics, loss curves")
     p.add_argument("runs", nargs="*", metavar="RUN", help="run folders or run ids")
-    p.add_argument("--sweep", metavar="ID", help="add every run of this sweep")
+    p.add_argument(
+        "--sweep", metavar="ID", action="append", default=[],
+        help="add every run of this sweep (repeatable)",
+    )  # fmt: skip
     p.add_argument("--runs-dir", default="runs", help="where run ids are looked up (default: runs)")
     p.add_argument("--out", metavar="REPORT.html", help="write a self-contained HTML report")
     p.add_argument("--png", metavar="FILE.png", help="write the loss curves as a PNG")

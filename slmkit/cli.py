@@ -208,11 +208,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from slmkit.seed_stats import analyse
 
     records = [read_run(resolve_run(name, args.runs_dir)) for name in args.runs]
-    if args.sweep:
-        swept = list_runs(args.runs_dir, sweep=args.sweep)
+    for sweep in args.sweep:
+        swept = list_runs(args.runs_dir, sweep=sweep)
         if not swept:
-            raise SlmkitError(f"--sweep {args.sweep}: no runs of that sweep in {args.runs_dir}")
+            raise SlmkitError(f"--sweep {sweep}: no runs of that sweep in {args.runs_dir}")
         records += sorted(swept, key=lambda r: (r.sweep or {}).get("index", 0))
+    # a run named twice (or in two sweeps) counts once
+    records = list({r.run_dir.resolve(): r for r in records}.values())
     if not records:
         raise SlmkitError("compare: name at least one run (a run folder or id), or --sweep ID")
     analysis = analyse(records, args.baseline)  # refusals come before anything is written

@@ -319,6 +319,18 @@ def test_a_group_of_one_beside_a_group_of_three(seed_sweep) -> None:
     assert "no test (needs 2+ runs in both)" in out
 
 
+def test_compare_takes_several_sweeps_and_names_one_it_cannot_find(seed_sweep) -> None:
+    runs_dir, sweep = str(seed_sweep["runs_dir"]), seed_sweep["sweep_id"]
+    both = compare_json("--runs-dir", runs_dir, "--sweep", sweep, "--sweep", sweep)
+    assert [len(g["runs"]) for g in both["groups"]] == [3, 3]  # a run named twice counts once
+    two = map(str, seed_sweep["runs"][:2])
+    named = compare_json(*two, "--runs-dir", runs_dir, "--sweep", sweep)
+    assert named["groups"] == both["groups"]
+    code, _, err = run_main("compare", "--runs-dir", runs_dir, "--sweep", sweep, "--sweep", "nope")
+    assert code == 2
+    assert err == f"slmkit: error: --sweep nope: no runs of that sweep in {runs_dir}\n"
+
+
 def drop_key(run_dir: Path, table: str, key: str) -> None:
     path = run_dir / "experiment.toml"
     experiment = tomllib.loads(path.read_text(encoding="utf-8"))
