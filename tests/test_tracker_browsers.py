@@ -447,8 +447,8 @@ def test_trackio_serves_and_draws_the_sweeps_runs(sweep: Sweep, tmp_path: Path) 
 def group_by(page: Page) -> None:
     """Group trackio's runs by ``optimizer.learning_rate`` (its sidebar's "Group by")."""
 
-    def chosen(_: Any) -> bool:
+    def chosen(loaded: Any) -> bool:  # the menu's options come once the runs' configs do
         page.evaluate(TRACKIO_GROUP_BY_MENU)
-        return bool(page.evaluate(TRACKIO_GROUP_BY_RATE))
+        return bool(loaded and page.evaluate(TRACKIO_GROUP_BY_RATE))
 
-    page.wait_for("document.readyState === 'complete'", "trackio's page loading", ready=chosen)
+    page.wait_for("document.readyState === 'complete'", "trackio's Group by menu", ready=chosen)
