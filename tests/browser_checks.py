@@ -1,5 +1,6 @@
-"""Test support for the tracker dashboards: a local server, headless Chromium, and a
-screenshot that must show something.
+"""Test support for the tracker dashboards: a local server, headless Chromium driven over
+its DevTools pipe (a page opened, polled until it shows what is checked, then its
+screenshot), and a screenshot that must show something.
 
 Everything stays on this machine: servers listen on 127.0.0.1 only, Chromium resolves no
 host name (``--host-resolver-rules``) and uses no proxy, and the Hugging Face libraries
@@ -8,9 +9,12 @@ under trackio run offline.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -18,10 +22,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -29,10 +33,11 @@ from PIL import Image
 HOST = "127.0.0.1"
 #: the browser window of every screenshot, pixels
 WINDOW = (1400, 900)
-#: the virtual time Chromium gives a page before its screenshot, ms: TensorBoard and
-#: trackio fetch their data and draw their charts in it (virtual time runs ahead when the
-#: page waits on nothing, so this costs a few seconds of real time)
-VIRTUAL_TIME_MS = 10_000
+#: how long a page may take to show what a check waits for (its data fetched, its charts
+#: drawn), seconds: a check polls the page rather than guessing a time
+PAGE_TIMEOUT = 60.0
+#: how long Chromium may take to answer one DevTools command, seconds
+COMMAND_TIMEOUT = 60.0
 #: the environment that keeps trackio and huggingface_hub off the network and out of $HOME
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
            "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
@@ -124,37 +129,162 @@ def post_json(url: str, body: Mapping[str, Any]) -> Any:
         return json.loads(response.read())
 
 
-def chromium_command(url: str, profile: Path, *output: str) -> list[str]:
-    """Headless Chromium loading ``url`` in a fresh profile, then ``output`` (its
-    ``--screenshot=PATH`` or ``--dump-dom``)."""
+def chromium_command(profile: Path) -> list[str]:
+    """Headless Chromium with a fresh profile in ``profile``, driven over its DevTools pipe
+    (``--remote-debugging-pipe``: it reads commands on its fd 3 and answers on its fd 4)."""
     return [
         chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-proxy-server",
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # nothing but here
         f"--user-data-dir={profile}", "--no-first-run", "--hide-scrollbars",
-        f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--virtual-time-budget={VIRTUAL_TIME_MS}",
-        *output, url,
+        f"--window-size={WINDOW[0]},{WINDOW[1]}", "--remote-debugging-pipe", "about:blank",
     ]  # fmt: skip
 
 
-def _chromium(url: str, profile: Path, *output: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        chromium_command(url, profile, *output), capture_output=True, text=True,
-        timeout=180, check=False, env={**os.environ, "HOME": str(profile)},
-    )  # fmt: skip
-    assert done.returncode == 0, f"chromium failed ({done.returncode}):\n{done.stderr[-3000:]}"
-    return done
+class DevTools:
+    """The Chrome DevTools Protocol over Chromium's pipe: each message a JSON object ended
+    by a NUL byte; a command's answer carries its ``id`` (events in between are skipped)."""
+
+    def __init__(self, commands: BinaryIO, answers: BinaryIO, log: Path) -> None:
+        self.commands, self.answers, self.log = commands, answers, log
+        self.last_id = 0
+        self.pending = b""
+
+    def send(self, method: str, session: str | None = None, **params: Any) -> Any:
+        """Run ``method`` (in the page ``session``); its result. Fails on an error answer,
+        a Chromium gone, or no answer in :data:`COMMAND_TIMEOUT` seconds."""
+        self.last_id += 1
+        message: dict[str, Any] = {"id": self.last_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        self.commands.write(json.dumps(message).encode() + b"\0")
+        self.commands.flush()
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while True:
+            answer = json.loads(self._message(deadline))
+            if answer.get("id") == self.last_id:
+                if "error" in answer:
+                    raise DevToolsError(f"{method}: {answer['error']}")
+                return answer["result"]
+
+    def _message(self, deadline: float) -> bytes:
+        while b"\0" not in self.pending:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.answers], [], [], max(left, 0))
+            if not ready:
+                raise AssertionError(f"chromium did not answer in {COMMAND_TIMEOUT:.0f}s")
+            chunk = os.read(self.answers.fileno(), 1 << 20)
+            if not chunk:
+                raise AssertionError(f"chromium ended:\n{_tail(self.log)}")
+            self.pending += chunk
+        message, self.pending = self.pending.split(b"\0", 1)
+        return message
 
 
-def screenshot(url: str, path: Path, profile: Path) -> Path:
-    """A PNG of ``url`` as headless Chromium draws it in a :data:`WINDOW` window."""
-    _chromium(url, profile, f"--screenshot={path}")
-    assert path.is_file(), f"chromium wrote no screenshot of {url}"
-    return path
+class DevToolsError(Exception):
+    """An error answer of the DevTools protocol (a script that threw, a bad command)."""
 
 
-def page_dom(url: str, profile: Path) -> str:
-    """The page's DOM after its scripts ran (what Chromium's ``--dump-dom`` prints)."""
-    return _chromium(url, profile, "--dump-dom").stdout
+class Page:
+    """A headless Chromium tab of :data:`WINDOW`'s size: open a URL, run scripts in it,
+    wait until it shows something, take its screenshot."""
+
+    def __init__(self, devtools: DevTools, session: str) -> None:
+        self.devtools, self.session = devtools, session
+
+    def open(self, url: str, local_storage: Mapping[str, str] | None = None) -> None:
+        """Load ``url``; ``local_storage`` is put in the page's storage before its scripts
+        run (the settings a dashboard keeps there)."""
+        if local_storage:
+            script = "".join(
+                f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});"
+                for k, v in local_storage.items()
+            )
+            self._send("Page.addScriptToEvaluateOnNewDocument", source=script)
+        self._send("Page.navigate", url=url)
+
+    def evaluate(self, expression: str) -> Any:
+        """The JSON value of the JavaScript ``expression`` in the page."""
+        done = self._send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in done:
+            raise DevToolsError(f"{expression}: {done['exceptionDetails']}")
+        return done["result"].get("value")
+
+    def wait_for(
+        self, expression: str, what: str, ready: Callable[[Any], bool] = bool,
+        timeout: float = PAGE_TIMEOUT,
+    ) -> Any:  # fmt: skip
+        """Poll ``expression`` until ``ready`` holds of its value and return the value; fail
+        naming ``what`` and the last value after ``timeout`` s (while the page loads, a
+        script that fails is "not yet")."""
+        deadline = time.monotonic() + timeout
+        value: Any = None
+        while True:
+            with contextlib.suppress(DevToolsError):
+                value = self.evaluate(expression)
+                if ready(value):
+                    return value
+            assert time.monotonic() < deadline, (
+                f"{what}: not after {timeout:.0f}s; last seen: {repr(value)[:1000]}"
+            )
+            time.sleep(0.25)
+
+    def boxes(self, selector: str) -> list[Box]:
+        """Where the elements ``selector`` finds are on the page, in document order."""
+        found = self.evaluate(
+            f"Array.from(document.querySelectorAll({json.dumps(selector)})).map(e => "
+            "(r => [r.left, r.top, r.right, r.bottom])(e.getBoundingClientRect()))"
+        )
+        return [(round(a), round(b), round(c), round(d)) for a, b, c, d in found]
+
+    def screenshot(self, path: Path) -> Path:
+        """A PNG of what the page shows now."""
+        done = self._send("Page.captureScreenshot", format="png")
+        path.write_bytes(base64.b64decode(done["data"]))
+        return path
+
+    def _send(self, method: str, **params: Any) -> Any:
+        return self.devtools.send(method, self.session, **params)
+
+
+@contextmanager
+def headless_page(profile: Path, log: Path) -> Iterator[Page]:
+    """A :class:`Page` in a headless Chromium of its own (profile folder ``profile``, its
+    output in ``log``), for the ``with`` block; then Chromium is closed, whatever happened."""
+    to_chromium, from_chromium = os.pipe(), os.pipe()
+    # its fds 3 and 4, set in the child from copies above them (so no dup2 overwrites one)
+    theirs = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chromium[0], from_chromium[1])]
+    for fd in (to_chromium[0], from_chromium[1]):
+        os.close(fd)
+
+    def as_fds_3_and_4() -> None:
+        os.dup2(theirs[0], 3)
+        os.dup2(theirs[1], 4)
+
+    with log.open("wb") as out:
+        browser = subprocess.Popen(
+            chromium_command(profile), stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, pass_fds=(3, 4), preexec_fn=as_fds_3_and_4,
+            env={**os.environ, "HOME": str(profile)}, start_new_session=True,
+        )  # fmt: skip
+    for fd in theirs:
+        os.close(fd)
+    with (
+        os.fdopen(to_chromium[1], "wb") as commands,
+        os.fdopen(from_chromium[0], "rb") as answers,
+    ):
+        try:
+            devtools = DevTools(commands, answers, log)
+            target = devtools.send("Target.createTarget", url="about:blank")["targetId"]
+            session = devtools.send("Target.attachToTarget", targetId=target, flatten=True)
+            page = Page(devtools, session["sessionId"])
+            page._send("Page.enable")  # (scripts added before a page loads need it)
+            page._send("Emulation.setDeviceMetricsOverride", width=WINDOW[0],
+                       height=WINDOW[1], deviceScaleFactor=1, mobile=False)  # fmt: skip
+            yield page
+        finally:
+            with contextlib.suppress(Exception):
+                devtools.send("Browser.close")
+            stop_session(browser)
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -175,7 +305,18 @@ def check_not_blank(path: Path, *, min_colours: int = 64, min_share: float = 0.1
     assert share >= min_share, f"{path.name}: {share:.1%} of the pixels differ from the background"
 
 
-def colour_pixels(path: Path, colour: tuple[int, int, int], tolerance: int = 24) -> int:
-    """How many pixels are within ``tolerance`` (per channel) of ``colour``."""
-    near = np.abs(pixels(path) - np.array(colour)).max(axis=2) <= tolerance
+#: a rectangle of a page, in pixels: left, top, right, bottom
+Box = tuple[int, int, int, int]
+
+
+def colour_pixels(
+    path: Path, colour: tuple[int, int, int], box: Box | None = None, tolerance: int = 24
+) -> int:
+    """How many pixels (of ``box``, else of the whole picture) are within ``tolerance``
+    (per channel) of ``colour``."""
+    rgb = pixels(path)
+    if box is not None:
+        left, top, right, bottom = box
+        rgb = rgb[top:bottom, left:right]
+    near = np.abs(rgb - np.array(colour)).max(axis=2) <= tolerance
     return int(near.sum())
