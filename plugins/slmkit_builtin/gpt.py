@@ -137,6 +137,33 @@ class GPTBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), ctx)
         return self.hook_resid_post(x + self.mlp(self.ln_2(x)))
 
+    def decode(self, x: torch.Tensor, cache: slmkit.KVCache, position: int) -> torch.Tensor:
+        """``forward`` at one new position per sequence, ``x`` ``(batch, d_model)``, in eval mode.
+
+        The same operations on the same values as ``forward`` (so the same numbers), called
+        directly: no module calls, hook points or head reshuffles, which at batch 1 cost
+        as much as the matrix products (slmkit's fast sampling path).
+        """
+        attn, mlp = self.attn, self.mlp
+        batch, d_model = x.shape
+        h = _layer_norm(self.ln_1, x)
+        qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias)
+        q, k, v = qkv.view(batch, 3, attn.n_heads, 1, attn.d_head).unbind(1)
+        keys, values = cache.append(k, v)
+        if attn.explicit:
+            y = attn._explicit(q, keys, values, 0.0)
+        else:  # one query: no mask, as in forward
+            y = F.scaled_dot_product_attention(q, keys, values)
+        # (batch, n_heads, 1, d_head) holds the heads side by side already
+        x = x + F.linear(y.view(batch, d_model), attn.proj.weight, attn.proj.bias)
+        h = F.linear(_layer_norm(self.ln_2, x), mlp.fc.weight, mlp.fc.bias)
+        return x + F.linear(F.gelu(h), mlp.proj.weight, mlp.proj.bias)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """What ``norm(x)`` computes, without the module call."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
 
 @slmkit.hookimpl
 def register_blocks(register: slmkit.Register) -> None:
