@@ -184,6 +184,12 @@ class Block(Protocol):
         """Transform the residual stream ``x``; attend only to earlier positions."""
 
 
+# Optional fast path: a block may also define
+#   decode(x: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor
+# forward at one new position per sequence during sampling, ``x`` (batch, d_model), the
+# same numbers in fewer calls (see slmkit/decode.py, docs/writing-plugins.md).
+
+
 class Corpus(Protocol):
     """Where the training text comes from."""
 

@@ -33,7 +33,7 @@ from slmkit.hookpoint import HookPoint
 
 #: where the note of a block without ``decode`` goes (shown once per block class; Python
 #: prints a warning of an unconfigured logger as its bare message on stderr)
-logger = logging.getLogger("slmkit.sampling")
+logger = logging.getLogger(__name__)
 _noted: set[str] = set()
 
 Decode = Callable[[torch.Tensor, KVCache, int], torch.Tensor]

@@ -160,7 +160,7 @@ def test_a_block_without_decode_samples_through_forward_and_says_so_once(
     reference = make_model(seed=5)  # the same weights, under GPTBlock's own names
     reference.load_state_dict({k.replace(".inner.", "."): v for k, v in model.state_dict().items()})
     prompt = tokens(1, 3, seed=6)
-    with caplog.at_level(logging.WARNING, logger="slmkit.sampling"):
+    with caplog.at_level(logging.WARNING, logger="slmkit.decode"):
         first = sample(model, prompt, 30, fast=True, seed=8)
         again = sample(model, prompt, 30, fast=True, seed=8)
     assert [r.getMessage() for r in caplog.records] == [
