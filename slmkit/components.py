@@ -185,9 +185,10 @@ class Block(Protocol):
 
 
 # Optional fast path: a block may also define
-#   decode(x: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor
-# forward at one new position per sequence during sampling, ``x`` (batch, d_model), the
-# same numbers in fewer calls (see slmkit/decode.py, docs/writing-plugins.md).
+#   decoder() -> Callable[[torch.Tensor, KVCache, int], torch.Tensor]
+# a function, made once per generation, computing forward at one new position per sequence
+# (``x`` (batch, d_model), cache, position): the same numbers in fewer calls (see
+# slmkit/decode.py and docs/writing-plugins.md).
 
 
 class Corpus(Protocol):

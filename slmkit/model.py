@@ -184,8 +184,8 @@ class LanguageModel(nn.Module):
         cannot shift a training run. When the context window is full the cache restarts
         from the last three quarters of it: positions are absolute, so a cache cannot
         simply slide. With the cache, ``fast`` steps one token through the blocks'
-        ``decode`` (:mod:`slmkit.decode`), the same tokens as ``fast=False``, which calls
-        ``forward`` for every token (blocks without ``decode`` always do).
+        ``decoder`` (:mod:`slmkit.decode`), the same tokens as ``fast=False``, which calls
+        ``forward`` for every token (blocks without ``decoder`` always do).
         """
         was_training = self.training
         self.eval()

@@ -9,7 +9,7 @@ It needs no test framework: a failed check raises ``AssertionError``.
     tiny_model(block, plugins)       a small model built with a block component, by name
     train_tiny(plugins, steps=...)   a few training steps in a folder: run folder, losses, model
     check_kv_cache(model)            cached logits against a full forward pass, within atol
-    check_decode(model)              the blocks' decode against forward, bit for bit
+    check_decode(model)              the blocks' decoder against forward, bit for bit
 
 ``plugins`` arguments take plugin objects (a module with ``@slmkit.hookimpl`` functions,
 added inline and enabled) and strings (the distribution names of installed plugins, loaded
@@ -372,7 +372,7 @@ def _check_schedule(
 
 
 def check_decode(model: LanguageModel, *, batch: int = 2, seed: int = 0) -> None:
-    """Check that the blocks' ``decode`` (fast sampling) computes what ``forward`` does.
+    """Check that the blocks' ``decoder`` steps (fast sampling) compute what ``forward`` does.
 
     Random tokens (``seed``, ``batch`` rows) fill a context window one at a time after the
     first, through ``forward`` on one set of caches and :class:`slmkit.decode.DecodeStep` on

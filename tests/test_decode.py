@@ -140,7 +140,7 @@ def test_both_paths_sample_the_tokens_recorded_before_the_fast_path(name: str, f
 
 
 class ForwardOnly(nn.Module):
-    """A block without ``decode``, as a third-party block may be."""
+    """A block without ``decoder``, as a third-party block may be."""
 
     def __init__(self, layer: int) -> None:
         super().__init__()
@@ -150,7 +150,7 @@ class ForwardOnly(nn.Module):
         return self.inner(x, ctx)
 
 
-def test_a_block_without_decode_samples_through_forward_and_says_so_once(
+def test_a_block_without_decoder_samples_through_forward_and_says_so_once(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(decode, "_noted", set())
@@ -164,8 +164,7 @@ def test_a_block_without_decode_samples_through_forward_and_says_so_once(
         first = sample(model, prompt, 30, fast=True, seed=8)
         again = sample(model, prompt, 30, fast=True, seed=8)
     assert [r.getMessage() for r in caplog.records] == [
-        "note: block ForwardOnly has no decode(x, cache, position): "
-        "sampling takes the slower path through forward"
+        "note: block ForwardOnly has no decoder(): sampling takes the slower path through forward"
     ]
     assert torch.equal(first, again)
     assert torch.equal(first, sample(reference, prompt, 30, fast=True, seed=8))

@@ -1,9 +1,9 @@
 """``slmkit.testing``, the helpers plugins' tests use; and the plugin contract they show.
 
 The KV-cache check must pass the ``gpt`` block (both attention paths) and catch blocks
-whose cache is wrong: one that drops the newest key, one that never appends; the decode
-check must pass the ``gpt`` block's ``decode`` and catch one that differs from ``forward``. The tiny
-runs also prove what docs/writing-plugins.md promises block and hook authors: forward
+whose cache is wrong: one that drops the newest key, one that never appends. The decode
+check must pass the ``gpt`` block's ``decoder`` and catch one that is not ``forward``. The
+tiny runs also prove what docs/writing-plugins.md promises block and hook authors: forward
 hooks watch the first micro-batch of an accumulated step, ``run.run_dir`` is a
 ``pathlib.Path``, and run events repeat for the steps a resumed run trains again.
 """
@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +78,14 @@ class NudgedWhenCached(GPTBlock):
 class RoundsOffInDecode(GPTBlock):
     """The gpt block, its fast decode step off by a relative 1e-7 (as an approximation is)."""
 
-    def decode(self, x: torch.Tensor, cache: slmkit.KVCache, position: int) -> torch.Tensor:
-        out = super().decode(x, cache, position)
-        return out + 1e-7 * out
+    def decoder(self) -> Callable[[torch.Tensor, slmkit.KVCache, int], torch.Tensor]:
+        decode = super().decoder()
+
+        def rounded_off(x: torch.Tensor, cache: slmkit.KVCache, position: int) -> torch.Tensor:
+            out = decode(x, cache, position)
+            return out + 1e-7 * out
+
+        return rounded_off
 
 
 class BrokenBlocks:
@@ -225,7 +231,9 @@ def test_load_plugin_reports_what_slmkit_plugins_shows() -> None:
     assert loaded.name == "broken-blocks"
     assert loaded.error is None
     assert loaded.hooks == ["register_blocks"]
-    assert loaded.provides == {"block": ["drops_last_key", "never_appends", "nudged"]}
+    assert loaded.provides == {
+        "block": ["drops_last_key", "never_appends", "nudged", "rounds_off_in_decode"]
+    }
     assert loaded.component("block", "nudged").factory is NudgedWhenCached
     assert loaded.component("block", "nudged").options is GPTOptions
     with pytest.raises(KeyError, match="registered no optimizer 'nudged'"):
