@@ -19,7 +19,7 @@ differ: recompute slides the window one token at a time, the cache restarts from
 last three quarters of it), and how far the cached logits are from the recomputed ones.
 
     uv run python -m bench sampling [--quick] [--new-tokens N] [--repeats R] [--threads 1,2]
-                                    [--paths fast,forward,recompute]
+                                    [--paths fast,forward,recompute] [--profile]
 """
 
 from __future__ import annotations
@@ -161,6 +161,34 @@ def measure(
     }
 
 
+def profile_path(
+    model: Any, prompt: torch.Tensor, n_new: int, path: str, seed: int, top: int = 12
+) -> dict[str, Any]:
+    """Where a path's time goes (torch.profiler): aten calls and self CPU µs per new token.
+
+    The prompt's prefill and the restarts past the window are included, as in the timings.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    timed_generate(model, prompt, 16, path=path, seed=seed)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        timed_generate(model, prompt, n_new, path=path, seed=seed)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "aten_calls_per_token": sum(e.count for e in events) / n_new,
+        "self_cpu_us_per_token": sum(e.self_cpu_time_total for e in events) / n_new,
+        "top": [
+            {
+                "op": e.key,
+                "calls_per_token": e.count / n_new,
+                "self_cpu_us_per_token": e.self_cpu_time_total / n_new,
+            }
+            for e in events[:top]
+        ],
+    }
+
+
 def ratios_of(paths: Sequence[str]) -> list[tuple[str, str, str]]:
     """The ratios whose two paths are both measured."""
     return [(name, slow, fast) for name, slow, fast in RATIOS if {slow, fast} <= set(paths)]
@@ -181,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--paths",
         default=",".join(PATHS),
         help=f"comma-separated paths to time, of {', '.join(PATHS)} (default: all)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the fast and forward paths at 1 thread: aten calls, top ops per token",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parse_args(parser, argv)
@@ -207,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for threads in thread_counts:
         torch.set_num_threads(threads)
         per_threads[threads] = measure(model, prompt, n_new, repeats, args.seed, paths)
+    profiles = {}
+    if args.profile:
+        torch.set_num_threads(1)
+        profiles = {
+            p: profile_path(model, prompt, n_new, p, args.seed) for p in ("fast", "forward")
+        }
     torch.set_num_threads(default_threads)
 
     # identity: fast and forward over every new token (fast samples regardless of --paths:
@@ -313,6 +352,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"max |cached - recomputed logit| over {gap['positions']} positions: "
         f"{gap['max_abs_diff']:.2e} (largest |logit| {gap['max_abs_logit']:.2f})"
     )
+    for path, prof in profiles.items():
+        print(
+            f"\nprofile of {PATHS[path][1]} at 1 thread, per new token ({n_new} tokens, prefill "
+            f"and restarts included): {prof['aten_calls_per_token']:.0f} aten calls, "
+            f"{prof['self_cpu_us_per_token']:.0f} µs self CPU (profiler overhead included)"
+        )
+        print(
+            table(
+                ["op", "calls/token", "self CPU µs/token", "share"],
+                [
+                    [
+                        t["op"],
+                        f"{t['calls_per_token']:.1f}",
+                        f"{t['self_cpu_us_per_token']:.1f}",
+                        f"{100 * t['self_cpu_us_per_token'] / prof['self_cpu_us_per_token']:.1f} %",
+                    ]
+                    for t in prof["top"]
+                ],
+            )
+        )
 
     result = {
         "config": {
@@ -333,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "targets": {name: [t for t, _ in ts] for name, ts in targets.items()},
         "target_met_median": met,
+        "profile_1_thread": profiles,
         "identity": {
             "fast_equals_forward": fast_mismatch is None,
             "fast_first_mismatch": fast_mismatch,
