@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from bench import ROOT, fmt_spread, machine_line, parse_args, spread, table, write_results
 
@@ -189,6 +191,37 @@ def profile_path(
     }
 
 
+def products_alone(model: Any, rounds: int = 10, n: int = 50) -> dict[str, Any]:
+    """µs for one token's matrix-vector products alone, fp32 and with bf16 weights.
+
+    The 16 ``F.linear`` of the blocks and the head, one after another as a decode step
+    runs them (their weights, 12.7 MB in fp32, streamed once per token), without anything
+    else: the floor under any step that computes the same products. bf16: the weights
+    stored in bf16, the input cast (what "bf16 weights for sampling" would run); rounds
+    alternate the two, min and median of the rounds.
+    """
+    linears = [m for block in model.blocks for m in block.modules() if isinstance(m, nn.Linear)]
+    linears.append(model.head)
+    contenders = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            weights = [
+                (m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype)) for m in linears
+            ]
+            inputs = [torch.randn(1, w.shape[1]).to(dtype) for w, _ in weights]
+            contenders[str(dtype).removeprefix("torch.")] = weights, inputs
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for r in range(rounds):
+            for name in contenders if r % 2 == 0 else list(reversed(contenders)):
+                weights, inputs = contenders[name]
+                start = time.perf_counter()
+                for _ in range(n):
+                    for (w, b), x in zip(weights, inputs, strict=True):
+                        F.linear(x, w, b)
+                times[name].append(1e6 * (time.perf_counter() - start) / n)
+    return {"n_products": len(linears), **{name: spread(v) for name, v in times.items()}}
+
+
 def ratios_of(paths: Sequence[str]) -> list[tuple[str, str, str]]:
     """The ratios whose two paths are both measured."""
     return [(name, slow, fast) for name, slow, fast in RATIOS if {slow, fast} <= set(paths)]
@@ -240,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for threads in thread_counts:
         torch.set_num_threads(threads)
         per_threads[threads] = measure(model, prompt, n_new, repeats, args.seed, paths)
-    profiles = {}
+    profiles, products = {}, {}
     if args.profile:
         torch.set_num_threads(1)
         profiles = {
@@ -352,6 +385,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"max |cached - recomputed logit| over {gap['positions']} positions: "
         f"{gap['max_abs_diff']:.2e} (largest |logit| {gap['max_abs_logit']:.2f})"
     )
+    if products:
+        print(
+            f"\nthe {products['n_products']} matrix-vector products of a token alone, 1 thread: "
+            f"fp32 {fmt_spread(products['float32'])} µs, bf16 weights "
+            f"{fmt_spread(products['bfloat16'])} µs (median (min–max) of alternating rounds)"
+        )
     for path, prof in profiles.items():
         print(
             f"\nprofile of {PATHS[path][1]} at 1 thread, per new token ({n_new} tokens, prefill "
@@ -393,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "targets": {name: [t for t, _ in ts] for name, ts in targets.items()},
         "target_met_median": met,
         "profile_1_thread": profiles,
+        "products_alone_us_1_thread": products,
         "identity": {
             "fast_equals_forward": fast_mismatch is None,
             "fast_first_mismatch": fast_mismatch,
