@@ -273,12 +273,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for threads in thread_counts:
         torch.set_num_threads(threads)
         per_threads[threads] = measure(model, prompt, n_new, repeats, args.seed, paths)
-    profiles, products = {}, {}
+    profiles: dict[str, Any] = {}
+    products: dict[str, Any] = {}
     if args.profile:
         torch.set_num_threads(1)
         profiles = {
             p: profile_path(model, prompt, n_new, p, args.seed) for p in ("fast", "forward")
         }
+        products = products_alone(model)
     torch.set_num_threads(default_threads)
 
     # identity: fast and forward over every new token (fast samples regardless of --paths:
