@@ -144,7 +144,7 @@ class GPTBlock(nn.Module):
         Prepared for one generation (eval mode, no forward hook watching): the weights are
         bound now, transposed as ``F.linear`` would transpose them at every call. The step
         runs the operations ``forward`` runs on the same values, so it computes the same
-        numbers, without the module calls, hook points and head reshuffles, which at
+        numbers, without the module calls, hook points and reshapes of the heads, which at
         batch 1 cost as much as the matrix products.
         """
         attn, mlp, ln_1, ln_2 = self.attn, self.mlp, self.ln_1, self.ln_2
