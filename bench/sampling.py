@@ -1,17 +1,25 @@
-"""Sampling speed: ``LanguageModel.generate`` with the KV cache vs full recompute.
+"""Sampling speed: ``LanguageModel.generate``'s fast decode step, the forward path, recompute.
 
 The reference model: ``experiments/baseline.toml`` built through ``slmkit.build`` (4
 layers, d_model 256, 4 heads, d_ff 1024, context 256, the char tokenizer's 99-token
-vocabulary), randomly initialised: speed does not depend on the weights. Each repeat
-times both paths back to back (alternating which goes first), so the speed-up ratio of a
-repeat is measured under the same machine load.
+vocabulary), randomly initialised: speed does not depend on the weights. Three paths:
 
-It also checks that both paths sample the same tokens, with the same generator seed, for
+    fast       KV cache, one token per step through the blocks' ``decode`` (the default)
+    forward    KV cache, every token through ``forward``: sampling before issue 20
+    recompute  no cache (``use_cache=False``): the whole window again for each token
+
+Each repeat times the paths back to back (alternating their order), so the ratios of a
+repeat (forward / fast: issue 20; recompute / fast: issues 3 and 5) are measured under
+the same machine load.
+
+It also checks that fast and forward sample the same tokens over all new tokens (same
+generator seed; they restart alike past the window), that forward and recompute do for
 as long as the whole sequence fits in the context window (after that they legitimately
-differ: recompute slides the window one token at a time, the cache restarts from the last
-three quarters of it), and how far the cached logits are from the recomputed ones.
+differ: recompute slides the window one token at a time, the cache restarts from the
+last three quarters of it), and how far the cached logits are from the recomputed ones.
 
     uv run python -m bench sampling [--quick] [--new-tokens N] [--repeats R] [--threads 1,2]
+                                    [--paths fast,forward,recompute] [--profile]
 """
 
 from __future__ import annotations
@@ -22,12 +30,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from bench import ROOT, fmt_spread, machine_line, parse_args, spread, table, write_results
 
 PROMPT = "\nROMEO:\n"
 TARGET_SPEEDUP = 5.0  # issue 3
 TARGET_SPEEDUP_ISSUE_5 = 10.0
+TARGET_FAST = 2.0  # issue 20: fast decode step / forward path tokens/s
+
+#: how each path calls ``generate``, and its label in the table
+PATHS: dict[str, tuple[dict[str, bool], str]] = {
+    "fast": ({"use_cache": True, "fast": True}, "KV cache, decode step"),
+    "forward": ({"use_cache": True, "fast": False}, "KV cache, forward"),
+    "recompute": ({"use_cache": False}, "recompute"),
+}
+#: the ratios reported: (name, slower path, faster path)
+RATIOS = [("fast/forward", "forward", "fast"), ("cache/recompute", "recompute", "fast")]
 
 
 REFERENCE_SHAPE = {
@@ -63,7 +83,7 @@ def build_reference_model(seed: int = 0) -> Any:
 
 
 def timed_generate(
-    model: Any, prompt: torch.Tensor, n_new: int, *, use_cache: bool, seed: int
+    model: Any, prompt: torch.Tensor, n_new: int, *, path: str, seed: int
 ) -> tuple[float, torch.Tensor, float]:
     """Wall seconds to sample ``n_new`` tokens, the tokens (prompt included), CPU seconds.
 
@@ -73,7 +93,7 @@ def timed_generate(
     """
     generator = torch.Generator().manual_seed(seed)
     cpu, start = time.process_time(), time.perf_counter()
-    out = model.generate(prompt, n_new, generator=generator, use_cache=use_cache)
+    out = model.generate(prompt, n_new, generator=generator, **PATHS[path][0])
     return time.perf_counter() - start, out, time.process_time() - cpu
 
 
@@ -107,41 +127,104 @@ def logit_gap(model: Any, tokens: torch.Tensor, n_prompt: int) -> dict[str, floa
 
 
 def measure(
-    model: Any, prompt: torch.Tensor, n_new: int, repeats: int, seed: int
+    model: Any, prompt: torch.Tensor, n_new: int, repeats: int, seed: int, paths: Sequence[str]
 ) -> dict[str, Any]:
-    """Time both paths ``repeats`` times, back to back, at the current thread count."""
+    """Time every path ``repeats`` times, back to back, at the current thread count."""
     # warm-up: first calls pay for allocator growth and kernel selection
-    for use_cache in (True, False):
-        timed_generate(model, prompt, 16, use_cache=use_cache, seed=seed)
-    times: dict[str, list[float]] = {"cache": [], "recompute": []}
-    cpu_times: dict[str, list[float]] = {"cache": [], "recompute": []}
+    for path in paths:
+        timed_generate(model, prompt, 16, path=path, seed=seed)
+    times: dict[str, list[float]] = {path: [] for path in paths}
+    cpu_times: dict[str, list[float]] = {path: [] for path in paths}
     outputs: dict[str, torch.Tensor] = {}
-    ratios, cpu_ratios = [], []
+    ratios: dict[str, list[float]] = {name: [] for name, *_ in ratios_of(paths)}
+    cpu_ratios: dict[str, list[float]] = {name: [] for name, *_ in ratios_of(paths)}
     for r in range(repeats):
-        order = ("cache", "recompute") if r % 2 == 0 else ("recompute", "cache")
         this, this_cpu = {}, {}
-        for name in order:
-            seconds, out, cpu = timed_generate(
-                model, prompt, n_new, use_cache=name == "cache", seed=seed
-            )
-            this[name], this_cpu[name] = seconds, cpu
-            times[name].append(seconds)
-            cpu_times[name].append(cpu)
-            outputs[name] = out[0]
-        ratios.append(this["recompute"] / this["cache"])
-        cpu_ratios.append(this_cpu["recompute"] / this_cpu["cache"])
-    tok_s = {name: [n_new / s for s in values] for name, values in times.items()}
+        for path in paths if r % 2 == 0 else list(reversed(paths)):
+            seconds, out, cpu = timed_generate(model, prompt, n_new, path=path, seed=seed)
+            this[path], this_cpu[path] = seconds, cpu
+            times[path].append(seconds)
+            cpu_times[path].append(cpu)
+            outputs[path] = out[0]
+        for name, slow, fast in ratios_of(paths):
+            ratios[name].append(this[slow] / this[fast])
+            cpu_ratios[name].append(this_cpu[slow] / this_cpu[fast])
+    tok_s = {path: [n_new / s for s in values] for path, values in times.items()}
     return {
         "seconds": times,
         "cpu_seconds": cpu_times,
-        "tokens_per_s": {name: {**spread(v), "all": v} for name, v in tok_s.items()},
+        "tokens_per_s": {path: {**spread(v), "all": v} for path, v in tok_s.items()},
         "ms_per_token": {
-            name: spread([1e3 * s / n_new for s in values]) for name, values in times.items()
+            path: spread([1e3 * s / n_new for s in values]) for path, values in times.items()
         },
-        "speedup": {**spread(ratios), "all": ratios},
-        "speedup_cpu_time": {**spread(cpu_ratios), "all": cpu_ratios},
+        "speedup": {name: {**spread(v), "all": v} for name, v in ratios.items()},
+        "speedup_cpu_time": {name: {**spread(v), "all": v} for name, v in cpu_ratios.items()},
         "outputs": outputs,
     }
+
+
+def profile_path(
+    model: Any, prompt: torch.Tensor, n_new: int, path: str, seed: int, top: int = 12
+) -> dict[str, Any]:
+    """Where a path's time goes (torch.profiler): aten calls and self CPU µs per new token.
+
+    The prompt's prefill and the restarts past the window are included, as in the timings.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    timed_generate(model, prompt, 16, path=path, seed=seed)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        timed_generate(model, prompt, n_new, path=path, seed=seed)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "aten_calls_per_token": sum(e.count for e in events) / n_new,
+        "self_cpu_us_per_token": sum(e.self_cpu_time_total for e in events) / n_new,
+        "top": [
+            {
+                "op": e.key,
+                "calls_per_token": e.count / n_new,
+                "self_cpu_us_per_token": e.self_cpu_time_total / n_new,
+            }
+            for e in events[:top]
+        ],
+    }
+
+
+def products_alone(model: Any, rounds: int = 10, n: int = 50) -> dict[str, Any]:
+    """µs for one token's matrix-vector products alone, fp32 and with bf16 weights.
+
+    The 16 ``F.linear`` of the blocks and the head, one after another as a decode step
+    runs them (their weights, 12.7 MB in fp32, streamed once per token), without anything
+    else: the floor under any step that computes the same products. bf16: the weights
+    stored in bf16, the input cast (what "bf16 weights for sampling" would run); rounds
+    alternate the two, min and median of the rounds.
+    """
+    linears = [m for block in model.blocks for m in block.modules() if isinstance(m, nn.Linear)]
+    linears.append(model.head)
+    contenders = {}
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            weights = [
+                (m.weight.to(dtype), None if m.bias is None else m.bias.to(dtype)) for m in linears
+            ]
+            inputs = [torch.randn(1, w.shape[1]).to(dtype) for w, _ in weights]
+            contenders[str(dtype).removeprefix("torch.")] = weights, inputs
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for r in range(rounds):
+            for name in contenders if r % 2 == 0 else list(reversed(contenders)):
+                weights, inputs = contenders[name]
+                start = time.perf_counter()
+                for _ in range(n):
+                    for (w, b), x in zip(weights, inputs, strict=True):
+                        F.linear(x, w, b)
+                times[name].append(1e6 * (time.perf_counter() - start) / n)
+    return {"n_products": len(linears), **{name: spread(v) for name, v in times.items()}}
+
+
+def ratios_of(paths: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The ratios whose two paths are both measured."""
+    return [(name, slow, fast) for name, slow, fast in RATIOS if {slow, fast} <= set(paths)]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -155,10 +238,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default=None,
         help="comma-separated torch thread counts to measure, e.g. 1,2 (default: torch's)",
     )
+    parser.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help=f"comma-separated paths to time, of {', '.join(PATHS)} (default: all)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the fast and forward paths at 1 thread: aten calls, top ops per token",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parse_args(parser, argv)
     n_new = args.new_tokens or (200 if args.quick else 500)
     repeats = args.repeats or (1 if args.quick else 5)
+    paths = [p for p in PATHS if p in args.paths.split(",")]
+    unknown = set(args.paths.split(",")) - set(PATHS)
+    if unknown or not paths:
+        parser.error(f"--paths: unknown {sorted(unknown)}; choose among {', '.join(PATHS)}")
     default_threads = torch.get_num_threads()
     thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [default_threads]
 
@@ -175,41 +272,63 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     per_threads: dict[int, dict[str, Any]] = {}
     for threads in thread_counts:
         torch.set_num_threads(threads)
-        per_threads[threads] = measure(model, prompt, n_new, repeats, args.seed)
+        per_threads[threads] = measure(model, prompt, n_new, repeats, args.seed, paths)
+    profiles: dict[str, Any] = {}
+    products: dict[str, Any] = {}
+    if args.profile:
+        torch.set_num_threads(1)
+        profiles = {
+            p: profile_path(model, prompt, n_new, p, args.seed) for p in ("fast", "forward")
+        }
+        products = products_alone(model)
     torch.set_num_threads(default_threads)
 
-    # identity: every new token whose whole sequence fits in the context window
-    n_fit = context - n_prompt + 1
-    _, fit_cache, _ = timed_generate(model, prompt, n_fit, use_cache=True, seed=args.seed)
-    _, fit_recompute, _ = timed_generate(model, prompt, n_fit, use_cache=False, seed=args.seed)
-    fit_mismatch = first_mismatch(fit_cache[0], fit_recompute[0])
+    # identity: fast and forward over every new token (fast samples regardless of --paths:
+    # the claim is checked even when only other paths are timed) ...
     last = per_threads[thread_counts[-1]]["outputs"]
-    long_mismatch = first_mismatch(last["cache"], last["recompute"])
+    outputs = {
+        path: last[path]
+        if path in last
+        else timed_generate(model, prompt, n_new, path=path, seed=args.seed)[1][0]
+        for path in ("fast", "forward")
+    }
+    fast_mismatch = first_mismatch(outputs["fast"], outputs["forward"])
+    # ... forward and recompute while the whole sequence fits in the context window
+    n_fit = context - n_prompt + 1
+    _, fit_cache, _ = timed_generate(model, prompt, n_fit, path="forward", seed=args.seed)
+    _, fit_recompute, _ = timed_generate(model, prompt, n_fit, path="recompute", seed=args.seed)
+    fit_mismatch = first_mismatch(fit_cache[0], fit_recompute[0])
+    long_mismatch = (
+        first_mismatch(last["fast"], last["recompute"])
+        if {"fast", "recompute"} <= set(last)
+        else None
+    )
     gap = logit_gap(model, fit_cache[:, :context], n_prompt)
 
     rows = []
     for threads, m in per_threads.items():
-        for name, label in (("cache", "KV cache"), ("recompute", "recompute")):
+        for path in paths:
             rows.append(
                 [
                     threads,
-                    label,
-                    fmt_spread(m["tokens_per_s"][name]),
-                    fmt_spread(m["ms_per_token"][name], "{:.2f}"),
-                    fmt_spread(spread(m["seconds"][name]), "{:.2f}"),
-                    fmt_spread(spread(m["cpu_seconds"][name]), "{:.2f}"),
+                    PATHS[path][1],
+                    fmt_spread(m["tokens_per_s"][path]),
+                    fmt_spread(m["ms_per_token"][path], "{:.2f}"),
+                    fmt_spread(spread(m["seconds"][path]), "{:.2f}"),
+                    fmt_spread(spread(m["cpu_seconds"][path]), "{:.2f}"),
                 ]
             )
-        rows.append(
-            [
-                threads,
-                "speed-up",
-                fmt_spread(m["speedup"], "{:.2f}") + "x",
-                "",
-                "",
-                fmt_spread(m["speedup_cpu_time"], "{:.2f}") + "x",
-            ]
-        )
+        for name, *_ in ratios_of(paths):
+            rows.append(
+                [
+                    threads,
+                    f"speed-up {name}",
+                    fmt_spread(m["speedup"][name], "{:.2f}") + "x",
+                    "",
+                    "",
+                    fmt_spread(m["speedup_cpu_time"][name], "{:.2f}") + "x",
+                ]
+            )
     print()
     print(
         table(
@@ -225,42 +344,75 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     )
     print(
-        "\n(speed-up = recompute time / cache time of the same repeat, wall and CPU time; "
+        "\n(speed-up a/b = b's time / a's time in the same repeat, wall and CPU time; "
         "median (min–max) over repeats)"
     )
-    met, met_issue_5 = {}, {}
+    targets = {
+        "fast/forward": [(TARGET_FAST, "issue 20")],
+        "cache/recompute": [(TARGET_SPEEDUP, "issue 3"), (TARGET_SPEEDUP_ISSUE_5, "issue 5")],
+    }
+    met: dict[str, dict[str, bool]] = {}
     for threads, m in per_threads.items():
-        met[threads] = m["speedup"]["median"] >= TARGET_SPEEDUP
-        met_issue_5[threads] = m["speedup"]["median"] >= TARGET_SPEEDUP_ISSUE_5
-        verdicts = (
-            f"{'met' if met[threads] else 'NOT met'}; "
-            f">= {TARGET_SPEEDUP_ISSUE_5:.0f}x (issue 5): "
-            f"{'met' if met_issue_5[threads] else 'NOT met'}"
-        )
-        print(
-            f"{threads} thread(s): speed-up {fmt_spread(m['speedup'], '{:.2f}')}x wall, "
-            f"{fmt_spread(m['speedup_cpu_time'], '{:.2f}')}x CPU time; target >= "
-            f"{TARGET_SPEEDUP:.0f}x at 500 new tokens (median): "
-            + (verdicts if n_new == 500 else f"not evaluated (measured at {n_new} new tokens)")
-        )
+        for name, *_ in ratios_of(paths):
+            median = m["speedup"][name]["median"]
+            verdicts = "; ".join(
+                f">= {target:g}x ({issue}): {'met' if median >= target else 'NOT met'}"
+                for target, issue in targets[name]
+            )
+            met.setdefault(name, {})[str(threads)] = all(median >= t for t, _ in targets[name])
+            print(
+                f"{threads} thread(s): {name} {fmt_spread(m['speedup'][name], '{:.2f}')}x wall, "
+                f"{fmt_spread(m['speedup_cpu_time'][name], '{:.2f}')}x CPU time; at 500 new "
+                "tokens (median): "
+                + (verdicts if n_new == 500 else f"not evaluated (measured at {n_new} new tokens)")
+            )
+    print(
+        f"fast and forward sample the same tokens over all {n_new} new tokens (same seed): "
+        + ("yes" if fast_mismatch is None else f"NO, first difference at {fast_mismatch}")
+    )
     same = fit_mismatch is None
     print(
-        f"identical tokens while the sequence fits the context ({n_fit} new tokens, same seed): "
+        f"forward and recompute: identical tokens while the sequence fits the context "
+        f"({n_fit} new tokens, same seed): "
         + ("yes" if same else f"NO, first difference at position {fit_mismatch}")
     )
-    if long_mismatch is None:
-        after = "identical"
-    else:
+    if long_mismatch is not None:
         after = (
             f"first difference at position {long_mismatch} (new token {long_mismatch - n_prompt})"
         )
         if long_mismatch >= context:
             after += "; expected past the window, where recompute slides and the cache restarts"
-    print(f"over all {n_new} new tokens: {after}")
+        print(f"fast and recompute over all {n_new} new tokens: {after}")
     print(
         f"max |cached - recomputed logit| over {gap['positions']} positions: "
         f"{gap['max_abs_diff']:.2e} (largest |logit| {gap['max_abs_logit']:.2f})"
     )
+    if products:
+        print(
+            f"\nthe {products['n_products']} matrix-vector products of a token alone, 1 thread: "
+            f"fp32 {fmt_spread(products['float32'])} µs, bf16 weights "
+            f"{fmt_spread(products['bfloat16'])} µs (median (min–max) of alternating rounds)"
+        )
+    for path, prof in profiles.items():
+        print(
+            f"\nprofile of {PATHS[path][1]} at 1 thread, per new token ({n_new} tokens, prefill "
+            f"and restarts included): {prof['aten_calls_per_token']:.0f} aten calls, "
+            f"{prof['self_cpu_us_per_token']:.0f} µs self CPU (profiler overhead included)"
+        )
+        print(
+            table(
+                ["op", "calls/token", "self CPU µs/token", "share"],
+                [
+                    [
+                        t["op"],
+                        f"{t['calls_per_token']:.1f}",
+                        f"{t['self_cpu_us_per_token']:.1f}",
+                        f"{100 * t['self_cpu_us_per_token'] / prof['self_cpu_us_per_token']:.1f} %",
+                    ]
+                    for t in prof["top"]
+                ],
+            )
+        )
 
     result = {
         "config": {
@@ -274,19 +426,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "repeats": repeats,
             "seed": args.seed,
             "quick": args.quick,
+            "paths": paths,
         },
         "by_threads": {
             str(t): {k: v for k, v in m.items() if k != "outputs"} for t, m in per_threads.items()
         },
-        "target_speedup": TARGET_SPEEDUP,
-        "target_met_median": {str(t): v for t, v in met.items()},
-        "target_speedup_issue_5": TARGET_SPEEDUP_ISSUE_5,
-        "target_issue_5_met_median": {str(t): v for t, v in met_issue_5.items()},
+        "targets": {name: [t for t, _ in ts] for name, ts in targets.items()},
+        "target_met_median": met,
+        "profile_1_thread": profiles,
+        "products_alone_us_1_thread": products,
         "identity": {
+            "fast_equals_forward": fast_mismatch is None,
+            "fast_first_mismatch": fast_mismatch,
             "tokens_checked": n_fit,
             "identical": same,
             "first_mismatch": fit_mismatch,
-            "first_mismatch_over_all_new_tokens": long_mismatch,
+            "first_mismatch_fast_recompute_over_all_new_tokens": long_mismatch,
             "logit_gap": gap,
         },
     }

@@ -184,6 +184,13 @@ class Block(Protocol):
         """Transform the residual stream ``x``; attend only to earlier positions."""
 
 
+# Optional fast path: a block may also define
+#   decoder() -> Callable[[torch.Tensor, KVCache, int], torch.Tensor]
+# a function, made once per generation, computing forward at one new position per sequence
+# (``x`` (batch, d_model), cache, position): the same numbers in fewer calls (see
+# slmkit/decode.py and docs/writing-plugins.md).
+
+
 class Corpus(Protocol):
     """Where the training text comes from."""
 

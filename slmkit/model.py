@@ -15,12 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slmkit.components import BlockContext, KVCache, ModelDims
 from slmkit.config.schema import MODEL_INITS
+from slmkit.decode import DecodeStep, fast_path_refusal
 from slmkit.dropout_mask import Dropout
 from slmkit.hookpoint import HookPoint, name_hook_points
 
@@ -188,6 +190,7 @@ class LanguageModel(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        fast: bool = True,
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` after ``prompt`` (shape ``(batch, time)``).
 
@@ -195,7 +198,9 @@ class LanguageModel(nn.Module):
         (see :func:`filter_logits`) with ``generator``, never the global RNG, so sampling
         cannot shift a training run. When the context window is full the cache restarts
         from the last three quarters of it: positions are absolute, so a cache cannot
-        simply slide.
+        simply slide. With the cache, ``fast`` steps one token through the blocks'
+        ``decoder`` (:mod:`slmkit.decode`), the same tokens as ``fast=False``, which calls
+        ``forward`` for every token (blocks without ``decoder`` always do).
         """
         was_training = self.training
         self.eval()
@@ -203,46 +208,50 @@ class LanguageModel(nn.Module):
         # view tracking), which is a noticeable share of a one-token step.
         try:
             with torch.inference_mode():
-                out = self._sample(
-                    prompt, max_new_tokens, temperature, top_k, top_p, generator, use_cache
-                )
+                draw = Draw(temperature, top_k, top_p, generator)
+                if not use_cache:
+                    out = self._recompute(prompt, max_new_tokens, draw)
+                else:
+                    out = self._sample(prompt, max_new_tokens, draw, fast)
         finally:
             self.train(was_training)
         # an inference-mode tensor may not be saved for backward: hand back a plain one
         return out.clone()
 
+    def _recompute(self, prompt: torch.Tensor, max_new_tokens: int, draw: Draw) -> torch.Tensor:
+        """Sampling without a cache: each token recomputes the last context window."""
+        context = self.dims.context_length
+        out = _output(prompt, max_new_tokens)
+        for n in range(prompt.shape[1], out.shape[1]):
+            logits, _ = self(out[:, max(0, n - context) : n])
+            out[:, n : n + 1] = draw(logits[:, -1, :])
+        return out
+
     def _sample(
-        self,
-        prompt: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        generator: torch.Generator | None,
-        use_cache: bool,
+        self, prompt: torch.Tensor, max_new_tokens: int, draw: Draw, fast: bool
     ) -> torch.Tensor:
-        """The sampling loop of :meth:`generate` (in eval and inference mode)."""
+        """The cached sampling loop of :meth:`generate` (in eval and inference mode)."""
         context = self.dims.context_length
         keep = max(1, context - context // 4)
-        batch, n_prompt = prompt.shape
-        # Tokens are written into one preallocated tensor: no copy of the sequence per token.
-        out = prompt.new_empty(batch, n_prompt + max_new_tokens)
-        out[:, :n_prompt] = prompt
+        n_prompt = prompt.shape[1]
+        out = _output(prompt, max_new_tokens)
         # One buffer per layer for the whole generation: a restart reuses it (reset).
-        caches = [KVCache(context) for _ in self.blocks] if use_cache else None
+        caches = [KVCache(context) for _ in self.blocks]
+        step = None
+        if fast and fast_path_refusal(self.blocks, list(self.hook_points.values())) is None:
+            step = DecodeStep(self.tok_emb, self.pos_emb, self.blocks, self.ln_f, self.head)
         pending = out[:, max(0, n_prompt - context) : n_prompt]  # what the cache lacks
-        for n in range(n_prompt, n_prompt + max_new_tokens):
-            if caches is None:
-                logits, _ = self(out[:, max(0, n - context) : n])
-            else:
-                if caches[0].length + pending.shape[1] > context:
-                    for cache in caches:
-                        cache.reset()
-                    pending = out[:, n - keep : n]
-                logits, _ = self(pending, caches=caches)
-            scaled = filter_logits(logits[:, -1, :].float() / temperature, top_k, top_p)
-            probs = F.softmax(scaled, dim=-1)
-            out[:, n : n + 1] = torch.multinomial(probs, num_samples=1, generator=generator)
+        for n in range(n_prompt, out.shape[1]):
+            length = caches[0].length
+            if length + pending.shape[1] > context:
+                for cache in caches:
+                    cache.reset()
+                pending, length = out[:, n - keep : n], 0
+            if step is not None and length and pending.shape[1] == 1:
+                logits = step(pending[:, 0], caches, length)
+            else:  # the prompt, a restart, or no fast path
+                logits = self(pending, caches=caches)[0][:, -1, :]
+            out[:, n : n + 1] = draw(logits)
             pending = out[:, n : n + 1]
         return out
 
@@ -260,6 +269,29 @@ def reset_to_torch_defaults(model: nn.Module) -> None:
         reset = getattr(module, "reset_parameters", None)
         if module is not model and callable(reset):
             reset()
+
+
+def _output(prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The tensor sampled tokens are written into, the prompt already in it: no copy of
+    the sequence per token."""
+    out = prompt.new_empty(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+    out[:, : prompt.shape[1]] = prompt
+    return out
+
+
+@attrs.define
+class Draw:
+    """Draws the next token ``(batch, 1)`` from the last position's logits ``(batch, vocab)``."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    generator: torch.Generator | None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        scaled = filter_logits(logits.float() / self.temperature, self.top_k, self.top_p)
+        probs = F.softmax(scaled, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=self.generator)
 
 
 def filter_logits(

@@ -9,6 +9,7 @@ It needs no test framework: a failed check raises ``AssertionError``.
     tiny_model(block, plugins)       a small model built with a block component, by name
     train_tiny(plugins, steps=...)   a few training steps in a folder: run folder, losses, model
     check_kv_cache(model)            cached logits against a full forward pass, within atol
+    check_decode(model)              the blocks' decoder against forward, bit for bit
 
 ``plugins`` arguments take plugin objects (a module with ``@slmkit.hookimpl`` functions,
 added inline and enabled) and strings (the distribution names of installed plugins, loaded
@@ -29,6 +30,7 @@ import torch
 from slmkit.build import build_model
 from slmkit.components import KVCache, Tokenizer
 from slmkit.config.resolve import experiment_from_dict
+from slmkit.decode import DecodeStep
 from slmkit.errors import PluginError
 from slmkit.model import LanguageModel
 from slmkit.plugins import LOAD_PLUGINS_ENV, PluginManager
@@ -367,3 +369,32 @@ def _check_schedule(
             f"(atol {atol:g}, rtol {rtol:g}; largest difference {diff.max().item():.3g})"
         )
     return float(diff.max())
+
+
+def check_decode(model: LanguageModel, *, batch: int = 2, seed: int = 0) -> None:
+    """Check that the blocks' ``decoder`` steps (fast sampling) compute what ``forward`` does.
+
+    Random tokens (``seed``, ``batch`` rows) fill a context window one at a time after the
+    first, through ``forward`` on one set of caches and :class:`slmkit.decode.DecodeStep` on
+    another: the logits must be equal, bit for bit (else ``AssertionError``, naming where).
+    """
+    context = model.dims.context_length
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model.dims.vocab_size, (batch, context), generator=generator)
+    tokens = tokens.to(next(model.parameters()).device)
+    step = DecodeStep(model.tok_emb, model.pos_emb, model.blocks, model.ln_f, model.head)
+    plain, fast = ([KVCache(context) for _ in model.blocks] for _ in range(2))
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            for caches in (plain, fast):  # the first token, as a prompt
+                model.eval()(tokens[:, :1], caches=caches)
+            for t in range(1, context):
+                logits = model(tokens[:, t : t + 1], caches=plain)[0][:, -1]
+                diff = (step(tokens[:, t], fast, t) - logits).abs().max().item()
+                if not diff == 0:  # NaN too
+                    raise AssertionError(
+                        f"decode check: logits at position {t} differ from forward's by {diff:.3g}"
+                    )
+    finally:
+        model.train(was_training)

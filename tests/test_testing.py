@@ -1,8 +1,9 @@
 """``slmkit.testing``, the helpers plugins' tests use; and the plugin contract they show.
 
 The KV-cache check must pass the ``gpt`` block (both attention paths) and catch blocks
-whose cache is wrong: one that drops the newest key, one that never appends. The tiny
-runs also prove what docs/writing-plugins.md promises block and hook authors: forward
+whose cache is wrong: one that drops the newest key, one that never appends. The decode
+check must pass the ``gpt`` block's ``decoder`` and catch one that is not ``forward``. The
+tiny runs also prove what docs/writing-plugins.md promises block and hook authors: forward
 hooks watch the first micro-batch of an accumulated step, ``run.run_dir`` is a
 ``pathlib.Path``, and run events repeat for the steps a resumed run trains again.
 """
@@ -13,6 +14,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,19 @@ class NudgedWhenCached(GPTBlock):
         return out + nudge
 
 
+class RoundsOffInDecode(GPTBlock):
+    """The gpt block, its fast decode step off by a relative 1e-7 (as an approximation is)."""
+
+    def decoder(self) -> Callable[[torch.Tensor, slmkit.KVCache, int], torch.Tensor]:
+        decode = super().decoder()
+
+        def rounded_off(x: torch.Tensor, cache: slmkit.KVCache, position: int) -> torch.Tensor:
+            out = decode(x, cache, position)
+            return out + 1e-7 * out
+
+        return rounded_off
+
+
 class BrokenBlocks:
     """A plugin providing the blocks above."""
 
@@ -81,6 +96,7 @@ class BrokenBlocks:
         register("drops_last_key", DropsLastKey, options=GPTOptions)
         register("never_appends", NeverAppends, options=GPTOptions)
         register("nudged", NudgedWhenCached, options=GPTOptions)
+        register("rounds_off_in_decode", RoundsOffInDecode, options=GPTOptions)
 
 
 # -- check_kv_cache --------------------------------------------------------------------------
@@ -133,6 +149,32 @@ def test_the_tolerance_is_atol_plus_rtol_times_the_logit() -> None:
     with pytest.raises(AssertionError, match=r"\(atol 0, rtol 1e-09;"):
         testing.check_kv_cache(model, atol=0.0, rtol=1e-9)
     assert testing.check_kv_cache(model, atol=0.0, rtol=1e3) == worst
+
+
+# -- check_decode --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_gpt_block_decodes_what_forward_computes_bit_for_bit(
+    attention: str, bias: bool
+) -> None:
+    model = testing.tiny_model("gpt", model={"attention": attention, "bias": bias})
+    testing.check_decode(model)
+    testing.check_decode(model, batch=1, seed=3)
+    assert not model.training
+
+
+@pytest.mark.parametrize("block", ["nudged", "drops_last_key", "rounds_off_in_decode"])
+def test_the_decode_check_catches_a_decode_that_is_not_forward(block: str) -> None:
+    # nudged and drops_last_key change forward and not decode (the gpt block's); the
+    # first decode step (position 1) already differs. A relative 1e-7 is caught too.
+    model = testing.tiny_model(block, [BrokenBlocks()])
+    with pytest.raises(AssertionError) as info:
+        testing.check_decode(model)
+    assert str(info.value).startswith(
+        "decode check: logits at position 1 differ from forward's by "
+    )
 
 
 def test_the_check_refuses_chunks_past_the_context() -> None:
@@ -189,7 +231,9 @@ def test_load_plugin_reports_what_slmkit_plugins_shows() -> None:
     assert loaded.name == "broken-blocks"
     assert loaded.error is None
     assert loaded.hooks == ["register_blocks"]
-    assert loaded.provides == {"block": ["drops_last_key", "never_appends", "nudged"]}
+    assert loaded.provides == {
+        "block": ["drops_last_key", "never_appends", "nudged", "rounds_off_in_decode"]
+    }
     assert loaded.component("block", "nudged").factory is NudgedWhenCached
     assert loaded.component("block", "nudged").options is GPTOptions
     with pytest.raises(KeyError, match="registered no optimizer 'nudged'"):

@@ -19,6 +19,7 @@ Hook points (shapes in docs/hooks.md): ``hook_resid_pre``, ``attn.hook_q/k/v``,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import attrs
 import torch
@@ -136,6 +137,44 @@ class GPTBlock(nn.Module):
         x = self.hook_resid_pre(x)
         x = x + self.attn(self.ln_1(x), ctx)
         return self.hook_resid_post(x + self.mlp(self.ln_2(x)))
+
+    def decoder(self) -> Callable[[torch.Tensor, slmkit.KVCache, int], torch.Tensor]:
+        """The fast sampling step: ``forward`` at one new position, ``x`` ``(batch, d_model)``.
+
+        Prepared for one generation (eval mode, no forward hook watching): the weights are
+        bound now, transposed as ``F.linear`` would transpose them at every call. The step
+        runs the operations ``forward`` runs on the same values, so it computes the same
+        numbers, without the module calls, hook points and reshapes of the heads, which at
+        batch 1 cost as much as the matrix products.
+        """
+        attn, mlp, ln_1, ln_2 = self.attn, self.mlp, self.ln_1, self.ln_2
+        qkv, proj, fc, out = (_affine(m) for m in (attn.qkv, attn.proj, mlp.fc, mlp.proj))
+        n_heads, d_head, explicit = attn.n_heads, attn.d_head, attn.explicit
+
+        def decode(x: torch.Tensor, cache: slmkit.KVCache, position: int) -> torch.Tensor:
+            batch, d_model = x.shape
+            h = qkv(F.layer_norm(x, ln_1.normalized_shape, ln_1.weight, ln_1.bias, ln_1.eps))
+            q, k, v = h.view(batch, 3, n_heads, 1, d_head).unbind(1)
+            keys, values = cache.append(k, v)
+            if explicit:
+                y = attn._explicit(q, keys, values, 0.0)
+            else:  # one query: no mask, as in forward
+                y = F.scaled_dot_product_attention(q, keys, values)
+            # (batch, n_heads, 1, d_head) holds the heads side by side already
+            x = x + proj(y.view(batch, d_model))
+            h = fc(F.layer_norm(x, ln_2.normalized_shape, ln_2.weight, ln_2.bias, ln_2.eps))
+            return x + out(F.gelu(h))
+
+        return decode
+
+
+def _affine(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``linear`` on a 2-D input as ``F.linear`` computes it (``addmm``, or ``mm`` without a
+    bias), the transposed weight made once."""
+    weight, bias = linear.weight.t(), linear.bias
+    if bias is None:
+        return lambda x: torch.mm(x, weight)
+    return lambda x: torch.addmm(bias, x, weight)
 
 
 @slmkit.hookimpl
