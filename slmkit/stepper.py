@@ -214,11 +214,18 @@ class Stepper:
         """The model (DDP-wrapped under torchrun), compiled if asked; falls back if needed."""
         if self.compiled is None or self._watched():
             return self.train_module(x, y)
+        # A failure part-way through a compiled pass may have drawn dropout masks already:
+        # the eager pass that replaces it draws them again from the same state.
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         try:
             return self.compiled(x, y)
         except HookFailure:
             raise
         except Exception as exc:  # no C++ compiler, a graph break, an op inductor cannot lower
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
             self.compiled = None
             error = compile_error(exc)
             self.console.say(f"warning: torch.compile failed, training uncompiled: {error}")

@@ -205,15 +205,21 @@ def test_fp16_on_cpu_through_the_cli(write_experiment, tmp_path, capsys) -> None
 # -- compile -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("failing_call", [1, 2], ids=["first-step", "later-recompile"])
 def test_compile_failure_falls_back_to_the_same_run(
-    write_experiment, manager, tmp_path, monkeypatch
+    write_experiment, manager, tmp_path, monkeypatch, failing_call
 ) -> None:
     compiled: list[Any] = []
+    calls: list[int] = []
 
     def fake_compile(model: Any, *args: Any, **kwargs: Any) -> Any:
         compiled.append(model)
 
         def broken(*a: Any, **k: Any) -> Any:
+            calls.append(1)
+            if len(calls) < failing_call:  # compiled steps that work, then a failing one
+                return model(*a, **k)
+            torch.rand(100)  # a failure part-way, after drawing random numbers
             raise RuntimeError("no compiler\nsecond line of the error")
 
         return broken
@@ -226,10 +232,12 @@ def test_compile_failure_falls_back_to_the_same_run(
                          console=Console(out))  # fmt: skip
     assert compiled == [trainer.model]
     assert trainer.stepper.compiled is None
+    assert len(calls) == failing_call  # never tried again
     (failed,) = events(run, "compile_failed")
     assert failed["error"] == "no compiler"
+    assert out.getvalue().count("torch.compile") == 1
     assert "warning: torch.compile failed, training uncompiled: no compiler\n" in out.getvalue()
-    assert steps(run) == steps(eager)  # bit for bit
+    assert steps(run) == steps(eager)  # bit for bit: the draws of the failed pass are undone
     assert_same_parameters(run, eager)
 
 
