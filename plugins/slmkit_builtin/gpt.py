@@ -99,8 +99,10 @@ class CausalSelfAttention(nn.Module):
             # keys) mask broadcast over batch and heads kept it from fusing the softmax's
             # loops (slower than eager), and added as a bias, whose backward needs no mask.
             rows = scores.view(-1, n_keys)
-            query = torch.arange(rows.shape[0], device=q.device) % n_queries
-            keys = torch.arange(n_keys, device=q.device)
+            # int32 indices: half the vector work of int64 per element in inductor's loops
+            index = torch.int32 if rows.shape[0] + n_keys < 2**31 else torch.int64
+            query = torch.arange(rows.shape[0], dtype=index, device=q.device) % n_queries
+            keys = torch.arange(n_keys, dtype=index, device=q.device)
             future = keys > (query + (n_keys - n_queries))[:, None]
             bias = torch.where(future, float("-inf"), 0.0).to(scores.dtype)
             return (rows + bias).softmax(dim=-1).view(scores.shape)
