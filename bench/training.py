@@ -6,10 +6,12 @@ into real :class:`slmkit.train.Trainer` objects (run folders in a temporary dire
 every timed step is the trainer's own ``Stepper.set_lr`` + ``Stepper.step``, so the figures
 measure slmkit's code path, not a replica of it. Configurations:
 
-* ``fp32``: the baseline as it is;
+* ``fp32``: ``--set training.precision=fp32`` (the baseline's default ``auto`` is bf16 on
+  CPUs with native bf16);
 * ``bf16``: ``--set training.precision=bf16`` (autocast; weights stay fp32);
-* ``fp32 + compile``: ``--set training.compile=true``; reported as "unavailable: <reason>"
-  where compiling fails (the trainer then falls back, which is detected).
+* ``fp32 + compile``, ``bf16 + compile``: the same with ``--set training.compile=true``;
+  reported as "unavailable: <reason>" where compiling fails (the trainer then falls back,
+  which is detected). Each is paired with its eager configuration round by round.
 
 The configurations are interleaved: each round runs a block of steps of each (rotating
 which goes first) and then times the model's own matrix products (see below), so every
@@ -30,10 +32,14 @@ attention output, MLP and head, and the six attention ``bmm`` shapes), in the sa
 "GEMM mix" is the step's mix (each shape weighted as often as a step runs it), "best" the
 fastest single shape.
 
-A torch.profiler pass over a few more fp32 steps, then bf16 steps (after the validation
+A torch.profiler pass over a few more steps of each configuration (after the validation
 losses are taken) labels the phases of the real step (data, forward, backward, finite
 check, optimizer, hooks) by wrapping the trainer's own methods with ``record_function``
-and prints the ops that take the most time.
+and prints the ops that take the most time; compiled steps are profiled kernel by kernel
+(inductor's ``cpp.enable_kernel_profile``, set for the compiled configurations). From the
+eager profiles comes the bound on what compiling can gain (Amdahl): the matrix products
+and dropout's random draws run the same kernels compiled or not, so a compiled step is no
+faster than their time, however fast it makes everything else.
 
     uv run python -m bench training [--quick | --smoke] [--device D] [--no-compile]
                                     [--out DIR]
@@ -75,6 +81,10 @@ TARGET_LOSS_GAP = 0.02
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")
 #: fused attention kernels (matrix products and softmax in one op; CUDA, CPU without dropout)
 FUSED_ATTENTION = ("flash_attention", "efficient_attention", "cudnn_attention")
+#: ops of slmkit's dropout draw (``slmkit::dropout_keep``: ``random_`` bits, ``ge`` threshold)
+DRAW_OPS = ("aten::random_", "aten::ge", "slmkit::dropout_keep")
+TARGET_COMPILE_SPEEDUP = 1.2
+EAGER = ("fp32", "bf16")
 
 
 # -- shared by bench.training, bench.hooks and bench.checkpoint -----------------------------
@@ -410,7 +420,7 @@ def profile_steps(contender: Contender, n_steps: int, top: int = 15) -> dict[str
     ops = [
         e
         for e in averages
-        if not e.key.startswith(("slmkit::", "Optimizer.", "ProfilerStep"))
+        if (e.key in DRAW_OPS or not e.key.startswith(("slmkit::", "Optimizer.", "ProfilerStep")))
         and e.self_cpu_time_total > 0
     ]
     on_device = device.type == "cuda"
@@ -430,6 +440,7 @@ def profile_steps(contender: Contender, n_steps: int, top: int = 15) -> dict[str
         for e in ops[:top]
     ]
     gemm = sum(self_time(e) for e in ops if e.key in GEMM_OPS)
+    draws = sum(self_time(e) for e in ops if e.key in DRAW_OPS)
     fused = sum(self_time(e) for e in ops if any(k in e.key for k in FUSED_ATTENTION))
     return {
         "steps": n_steps,
@@ -439,6 +450,7 @@ def profile_steps(contender: Contender, n_steps: int, top: int = 15) -> dict[str
         "phases_ms_per_step": phases,
         "top_ops": top_ops,
         "gemm_share_of_op_time": gemm / total_self,
+        "dropout_draw_share_of_op_time": draws / total_self,
         "fused_attention_share_of_op_time": fused / total_self,
         "op_time_ms_per_step": total_self / 1e3 / n_steps,
     }
@@ -452,9 +464,9 @@ def schedule(args: argparse.Namespace) -> dict[str, int]:
     if args.smoke:
         plan = {"warmup": 1, "rounds": 1, "block": 1, "compile_rounds": 1, "profile": 1}
     elif args.quick:
-        plan = {"warmup": 2, "rounds": 2, "block": 4, "compile_rounds": 2, "profile": 2}
+        plan = {"warmup": 2, "rounds": 3, "block": 3, "compile_rounds": 3, "profile": 2}
     else:
-        plan = {"warmup": 4, "rounds": 16, "block": 6, "compile_rounds": 5, "profile": 5}
+        plan = {"warmup": 4, "rounds": 16, "block": 6, "compile_rounds": 16, "profile": 5}
     for key in ("warmup", "rounds", "block"):
         if getattr(args, key, None):
             plan[key] = getattr(args, key)
@@ -463,18 +475,23 @@ def schedule(args: argparse.Namespace) -> dict[str, int]:
 
 
 def try_compile(
-    overrides: list[str], runs_dir: str, warmup: int
+    label: str, overrides: list[str], runs_dir: str, warmup: int
 ) -> tuple[Contender | None, dict[str, Any]]:
-    """A compiled fp32 contender warmed up, or None and why compiling is unavailable."""
+    """A compiled contender warmed up, or None and why compiling is unavailable."""
+    import torch._inductor.config as inductor_config
+
     from slmkit.progress import Console
 
+    # each generated kernel as a record_function range, so the profile shows where the
+    # compiled step's time goes (one range per kernel call: microseconds of a step)
+    inductor_config.cpp.enable_kernel_profile = True
     said = io.StringIO()
     contender = None
     try:
         trainer = build_trainer(
             [*overrides, "training.compile=true"], runs_dir, console=Console(said)
         )
-        contender = Contender("fp32 + compile", trainer)
+        contender = Contender(label, trainer)
         first = contender.steps(1)[0]  # compiles forward and backward
         if trainer.stepper.compiled is None:  # the trainer fell back to eager
             message = said.getvalue().strip().splitlines() or ["the trainer fell back"]
@@ -486,6 +503,28 @@ def try_compile(
             contender.close()
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         return None, {"unavailable": f"{type(exc).__name__}: {lines[0][:200]}"}
+
+
+def amdahl_bound(profile: dict[str, dict[str, Any]], dtype: str) -> dict[str, float]:
+    """The most compiling can gain: eager op time over that of what it leaves as it is.
+
+    Matrix products run the same library kernels compiled or not, and dropout's draws are
+    one opaque operator (the same bits as eager); the rest (element-wise, norms, softmax,
+    casts) is what inductor fuses: its ms/step eager and, where profiled, compiled.
+    """
+    eager = profile[dtype]
+    gemm, draws = eager["gemm_share_of_op_time"], eager["dropout_draw_share_of_op_time"]
+    out = {
+        "gemm_share": gemm,
+        "draw_share": draws,
+        "bound": 1 / (gemm + draws),
+        "rest_ms": eager["op_time_ms_per_step"] * (1 - gemm - draws),
+    }
+    compiled = profile.get(f"{dtype} + compile")
+    if compiled is not None:
+        fixed = compiled["gemm_share_of_op_time"] + compiled["dropout_draw_share_of_op_time"]
+        out["compiled_rest_ms"] = compiled["op_time_ms_per_step"] * (1 - fixed)
+    return out
 
 
 def evaluate_all(trainer: Any) -> dict[str, float]:
@@ -509,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="time fp32 + torch.compile too (default: yes, except with --smoke)",
+        help="time fp32 and bf16 + torch.compile too (default: yes, except with --smoke)",
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per config")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
@@ -525,8 +564,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(machine_line())
     with tempfile.TemporaryDirectory(prefix="slmkit-bench-training-") as runs_dir:
         contenders = [
-            Contender("fp32", build_trainer(overrides, runs_dir)),
-            Contender("bf16", build_trainer([*overrides, "training.precision=bf16"], runs_dir)),
+            Contender(label, build_trainer([*overrides, f"training.precision={label}"], runs_dir))
+            for label in EAGER
         ]
         fp32 = contenders[0].trainer
         model, device, t = fp32.model, fp32.device, fp32.exp.training
@@ -546,12 +585,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
         for c in contenders:
             c.steps(plan["warmup"])
-        compiled, compile_info = (None, {"unavailable": "not requested (--no-compile)"})
-        if with_compile:
-            print("compiling (fp32 + torch.compile)...", flush=True)
-            compiled, compile_info = try_compile(overrides, runs_dir, plan["warmup"])
-            if compiled is None:
-                print(f"torch.compile {compile_info['unavailable']}")
+        compiled: list[Contender] = []
+        compile_info: dict[str, dict[str, Any]] = {}
+        for dtype in EAGER:
+            label = f"{dtype} + compile"
+            if not with_compile:
+                compile_info[label] = {"unavailable": "not requested (--no-compile)"}
+                continue
+            print(f"compiling ({label})...", flush=True)
+            contender, compile_info[label] = try_compile(
+                label, [*overrides, f"training.precision={dtype}"], runs_dir, plan["warmup"]
+            )
+            if contender is None:
+                print(f"torch.compile ({label}) {compile_info[label]['unavailable']}")
+            else:
+                compiled.append(contender)
         # rounds: a block of each configuration (rotating the order), then the GEMM probes
         blocks: dict[str, list[float]] = {}  # label -> wall seconds of every timed step
         cpu_blocks: dict[str, list[float]] = {}  # label -> CPU seconds of the same steps
@@ -559,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         per_round_cpu: dict[str, list[float]] = {}
         gemm_round: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for r in range(plan["rounds"]):
-            active = [*contenders, *([compiled] if compiled and r < plan["compile_rounds"] else [])]
+            active = [*contenders, *(compiled if r < plan["compile_rounds"] else [])]
             for c in rotated(active, r):
                 times = c.steps(plan["block"])
                 cpu = c.cpu_times[-len(times) :]
@@ -572,13 +620,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"round {r + 1}/{plan['rounds']} done", flush=True)
 
         val = {c.label: evaluate_all(c.trainer) for c in contenders}
-        profiled = contenders[:1] if args.smoke else contenders  # smoke: fp32 only
+        profiled = contenders[:1] if args.smoke else [*contenders, *compiled]  # smoke: fp32
         profile = {c.label: profile_steps(c, plan["profile"]) for c in profiled}
-        for c in [*contenders, *([compiled] if compiled else [])]:
+        for c in [*contenders, *compiled]:
             c.close()
 
     # -- figures -------------------------------------------------------------------------
-    dtype_of = {"fp32": "fp32", "bf16": "bf16", "fp32 + compile": "fp32"}
+    dtype_of = {label: label.split(" ")[0] for label in (*EAGER, *compile_info)}
     results: dict[str, dict[str, Any]] = {}
     for label, times in blocks.items():
         rounds = per_round[label]
@@ -595,10 +643,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "mfu_vs_best_gemm": spread([a / (best_shape * 1e9) for a in achieved]),
             "ms_per_step_all": [1e3 * s for s in times],
         }
-    if compiled is None:
-        results["fp32 + compile"] = compile_info
-    else:
-        results["fp32 + compile"].update(compile_info)
+    for label, info in compile_info.items():
+        results.setdefault(label, {}).update(info)
 
     def paired(a: str, b: str) -> dict[str, Any] | None:
         """tokens/s of ``a`` over ``b``, per round (step-time ratio of the same round)."""
@@ -615,7 +661,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         }
 
     bf16_ratio = paired("bf16", "fp32")
-    compile_ratio = paired("fp32 + compile", "fp32")
+    compile_ratio = {dtype: paired(f"{dtype} + compile", dtype) for dtype in EAGER}
+    compile_bound = {d: amdahl_bound(profile, d) for d in EAGER if d in profile}
     gemm = {
         dtype: {
             "mix_gflops": spread([r / 1e9 for r in gemm_round[dtype]]),
@@ -629,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # -- tables --------------------------------------------------------------------------
     ms_fmt = "{:.0f}" if device.type == "cpu" else "{:.2f}"
     rows = []
-    for label in ("fp32", "bf16", "fp32 + compile"):
+    for label in (*EAGER, *compile_info):
         r = results[label]
         if "unavailable" in r:
             rows.append([label, f"unavailable: {r['unavailable']}", "", "", "", "", "", ""])
@@ -666,8 +713,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "(median (min–max) over timed steps; CPU ms: process CPU time, all threads; GFLOP/s "
         "and MFU per round, paired with that round's GEMM probe of the same dtype)"
     )
-    if "first_step_s" in results["fp32 + compile"]:
-        print(f"torch.compile: first step (compiling) {compile_info['first_step_s']:.1f} s")
+    for label, info in compile_info.items():
+        if "first_step_s" in info:
+            print(f"{label}: first step (compiling) {info['first_step_s']:.1f} s")
     print()
     peak_rows = []
     for dtype, g in gemm.items():
@@ -705,13 +753,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{fmt_spread(bf16_ratio['cpu_time'], '{:.2f}')}x); target >= "
             f"{TARGET_BF16_SPEEDUP:.0f}x: {'met' if met else 'NOT met'}"
         )
-    if compile_ratio:
+    for dtype, ratio in compile_ratio.items():
+        if ratio is None:
+            continue
+        met = ratio["median"] >= TARGET_COMPILE_SPEEDUP
         print(
-            f"fp32 + compile / fp32 tokens/s: {fmt_spread(compile_ratio, '{:.2f}')}x paired "
-            f"over {compile_ratio['rounds']} round(s) "
-            f"({compile_ratio['ratio_of_medians']:.2f}x ratio of medians; CPU time "
-            f"{fmt_spread(compile_ratio['cpu_time'], '{:.2f}')}x)"
+            f"{dtype} + compile / {dtype} tokens/s: {fmt_spread(ratio, '{:.2f}')}x paired "
+            f"over {ratio['rounds']} round(s) ({ratio['ratio_of_medians']:.2f}x ratio of "
+            f"medians; CPU time {fmt_spread(ratio['cpu_time'], '{:.2f}')}x); target >= "
+            f"{TARGET_COMPILE_SPEEDUP}x: {'met' if met else 'NOT met'}"
         )
+    for dtype, bound in compile_bound.items():
+        print(
+            f"{dtype} eager step: matrix products {100 * bound['gemm_share']:.1f} % and "
+            f"dropout draws {100 * bound['draw_share']:.1f} % of op time, which compiling "
+            f"leaves as they are: at most {bound['bound']:.2f}x however fast the rest "
+            f"({bound['rest_ms']:.0f} ms/step eager"
+            + (f", {bound['compiled_rest_ms']:.0f} compiled)" if "compiled_rest_ms" in bound
+               else ")")
+        )  # fmt: skip
     print()
     val_rows = [
         ["fp32", f"{val['fp32']['val_loss']:.4f}", "-"],
@@ -819,7 +879,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "configs": results,
         "bf16_over_fp32_tokens_per_s": bf16_ratio,
-        "compile_over_fp32_tokens_per_s": compile_ratio,
+        "compile_over_eager_tokens_per_s": compile_ratio,
+        "compile_bound": compile_bound,
         "gemm": gemm,
         "val_loss": {
             "steps": trained_steps,
@@ -835,6 +896,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "bf16_speedup_met": bool(bf16_ratio and bf16_ratio["median"] >= TARGET_BF16_SPEEDUP),
             "val_loss_gap": TARGET_LOSS_GAP,
             "val_loss_gap_met": gap_met,
+            "compile_speedup": TARGET_COMPILE_SPEEDUP,
+            "compile_speedup_met": {
+                dtype: bool(ratio and ratio["median"] >= TARGET_COMPILE_SPEEDUP)
+                for dtype, ratio in compile_ratio.items()
+            },
         },
     }
     path = save_results(result_name("training", args), result, args.out)

@@ -8,14 +8,21 @@ A step whose loss or gradients are not finite is never applied. Under ``on_nonfi
 
 A :class:`~slmkit.precision.Precision` decides the autocast dtype and, for fp16, the
 gradient scaler. :class:`Stepper` owns the training-mode model: wrapped in DDP under
-torchrun (gradients are all-reduced on the last micro-batch only) and compiled when asked,
-falling back to eager once, with a warning, where compiling fails.
+torchrun (gradients are all-reduced on the last micro-batch only) and, under
+``training.compile``, compiled as one graph (``fullgraph``: forward, loss and, through
+AOTAutograd, backward). A pass that forward hooks watch runs eager (the same computation
+and random draws; observers are Python the compiler would have to trace, and each watched
+set of points would compile again). Where compiling fails (no C++ compiler, a graph break
+in a block plugin, an operator inductor cannot lower) the run says so once, logs
+``compile_failed`` and trains eager from then on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +33,7 @@ from slmkit.components import Schedule
 from slmkit.config.schema import Experiment
 from slmkit.data import BatchStream
 from slmkit.distributed import World
-from slmkit.errors import HookFailure, RunError, first_line
+from slmkit.errors import HookFailure, RunError
 from slmkit.hooks import ForwardHooks, UpdateHooks
 from slmkit.model import LanguageModel
 from slmkit.precision import Precision
@@ -110,8 +117,9 @@ class Stepper:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(model, device_ids=ids)
         self.train_module: torch.nn.Module = self.ddp if self.ddp is not None else model
-        self.compiled: Any = torch.compile(self.train_module) if exp.training.compile else None
-        self._compile_ok = False
+        self.compiled: Any = (
+            torch.compile(self.train_module, fullgraph=True) if exp.training.compile else None
+        )
 
     def set_lr(self, step: int) -> float:
         """Apply the schedule's multiplier for ``step`` (from 0); the first group's lr."""
@@ -204,19 +212,39 @@ class Stepper:
         self, run: Run, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model (DDP-wrapped under torchrun), compiled if asked; falls back if needed."""
-        if self.compiled is None:
+        if self.compiled is None or self._watched():
             return self.train_module(x, y)
-        if self._compile_ok:
-            return self.compiled(x, y)
+        # A failure part-way through a compiled pass may have drawn dropout masks already:
+        # the eager pass that replaces it draws them again from the same state.
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         try:
-            out = self.compiled(x, y)
+            return self.compiled(x, y)
         except HookFailure:
             raise
-        except Exception as exc:  # no C++ compiler, unsupported platform...
+        except Exception as exc:  # no C++ compiler, a graph break, an op inductor cannot lower
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
             self.compiled = None
-            error = first_line(exc)
+            error = compile_error(exc)
             self.console.say(f"warning: torch.compile failed, training uncompiled: {error}")
             run.log("compile_failed", error=error)
             return self.train_module(x, y)
-        self._compile_ok = True
-        return out
+
+    def _watched(self) -> bool:
+        """Whether a forward hook watches this pass (it then runs eager)."""
+        return any(point.observers for point in self.model.hook_points.values())
+
+
+def compile_error(exc: BaseException) -> str:
+    """A compile failure on one line: for one in tracing, where in the model, and why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    why = next((ln.removeprefix("Explanation: ") for ln in lines if ln.startswith("Explanation: ")),
+               lines[0] if lines else type(exc).__name__)  # fmt: skip
+    why = re.sub(r"^\[[^\]]*\]\s*", "", why)[:200]  # no "[file.cc:42]" source prefix
+    stack = getattr(exc, "real_stack", None)  # torch._dynamo's errors: the model's frames
+    if not stack:
+        return why
+    frame = stack[-1]
+    return f"the model is not one graph at {Path(frame.filename).name}:{frame.lineno}: {why}"

@@ -206,15 +206,21 @@ def test_fp16_on_cpu_through_the_cli(write_experiment, tmp_path, capsys) -> None
 # -- compile -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("failing_call", [1, 2], ids=["first-step", "later-recompile"])
 def test_compile_failure_falls_back_to_the_same_run(
-    write_experiment, manager, tmp_path, monkeypatch
+    write_experiment, manager, tmp_path, monkeypatch, failing_call
 ) -> None:
     compiled: list[Any] = []
+    calls: list[int] = []
 
     def fake_compile(model: Any, *args: Any, **kwargs: Any) -> Any:
         compiled.append(model)
 
         def broken(*a: Any, **k: Any) -> Any:
+            calls.append(1)
+            if len(calls) < failing_call:  # compiled steps that work, then a failing one
+                return model(*a, **k)
+            torch.rand(100)  # a failure part-way, after drawing random numbers
             raise RuntimeError("no compiler\nsecond line of the error")
 
         return broken
@@ -227,10 +233,12 @@ def test_compile_failure_falls_back_to_the_same_run(
                          console=Console(out))  # fmt: skip
     assert compiled == [trainer.model]
     assert trainer.stepper.compiled is None
+    assert len(calls) == failing_call  # never tried again
     (failed,) = events(run, "compile_failed")
     assert failed["error"] == "no compiler"
+    assert out.getvalue().count("torch.compile") == 1
     assert "warning: torch.compile failed, training uncompiled: no compiler\n" in out.getvalue()
-    assert steps(run) == steps(eager)  # bit for bit
+    assert steps(run) == steps(eager)  # bit for bit: the draws of the failed pass are undone
     assert_same_parameters(run, eager)
 
 
@@ -255,13 +263,114 @@ def test_compile_that_works_is_used(write_experiment, manager, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_real_compile_matches_eager(write_experiment, manager, tmp_path) -> None:
-    # dropout 0: compiled code draws its random numbers differently
+    # dropout 0: nothing random
     path = write_experiment(changes({"model": {"dropout": 0.0}, "training": {"max_steps": 3}}))
     _, eager = train(path, manager, tmp_path / "eager")
     _, run = train(path, manager, tmp_path / "compiled", ["training.compile=true"])
     if events(run, "compile_failed"):
         pytest.skip(f"torch.compile unavailable here: {events(run, 'compile_failed')[0]}")
     assert losses(run) == pytest.approx(losses(eager), abs=1e-4)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has captured in this process so far (each compile, each recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("precision", "rel"), [("fp32", 1e-5), ("bf16", 2e-3)])
+def test_compiled_training_matches_eager_for_5_steps_with_dropout(
+    write_experiment, manager, tmp_path, precision, rel
+) -> None:
+    # TINY's dropout 0.1: the compiled step draws the same masks as the eager one
+    overrides = [f"training.precision={precision}"]
+    path = write_experiment(changes({"training": {"max_steps": 5}}))
+    _, eager = train(path, manager, tmp_path / "eager", overrides)
+    graphs = compiled_graphs()
+    trainer, run = train(
+        path, manager, tmp_path / "compiled", [*overrides, "training.compile=true"]
+    )
+    if events(run, "compile_failed"):
+        pytest.skip(f"torch.compile unavailable here: {events(run, 'compile_failed')[0]}")
+    assert trainer.stepper.compiled is not None
+    assert compiled_graphs() == graphs + 1  # one graph, never compiled again
+    assert len(losses(run)) == 5
+    assert losses(run) == pytest.approx(losses(eager), rel=rel)
+    assert losses(run) != losses(eager)  # really compiled: the last bits differ
+    eager_weights = checkpoint.load(eager)["model"]
+    for name, weight in checkpoint.load(run)["model"].items():
+        torch.testing.assert_close(weight, eager_weights[name], rtol=100 * rel, atol=100 * rel)
+
+
+@pytest.mark.slow
+def test_forward_hooks_watch_compiled_training_from_eager_steps(
+    write_experiment, manager, tmp_path
+) -> None:
+    tables = {"forward_hooks": [{"name": "activation_stats", "every": 2},
+                                {"name": "attention_entropy", "every": 3}]}  # fmt: skip
+    path = write_experiment(changes({"training": {"max_steps": 5}}, tables))
+    _, eager = train(path, manager, tmp_path / "eager")
+    graphs = compiled_graphs()
+    _, run = train(path, manager, tmp_path / "compiled", ["training.compile=true"])
+    if events(run, "compile_failed"):
+        pytest.skip(f"torch.compile unavailable here: {events(run, 'compile_failed')[0]}")
+    assert compiled_graphs() <= graphs + 1  # watched steps run eager: no recompile
+    assert losses(run) == pytest.approx(losses(eager), rel=1e-5)
+    watched = [(e["step"], e["name"]) for e in events(run, "forward_hook")]
+    assert watched == [(2, "activation_stats"), (3, "attention_entropy"),
+                       (4, "activation_stats")]  # fmt: skip
+    assert watched == [(e["step"], e["name"]) for e in events(eager, "forward_hook")]
+    for got, want in zip(events(run, "forward_hook"), events(eager, "forward_hook"), strict=True):
+        assert got["metrics"].keys() == want["metrics"].keys()
+        for point, values in got["metrics"].items():
+            assert values == pytest.approx(want["metrics"][point], rel=1e-4, abs=1e-6)
+
+
+class ItemBlock(torch.nn.Module):
+    """A block that reads a tensor's value in Python: torch.compile cannot make it one graph."""
+
+    def __init__(self, options: Any, dims: slmkit.ModelDims, layer: int) -> None:
+        super().__init__()
+        self.mix = torch.nn.Linear(dims.d_model, dims.d_model)
+
+    def forward(self, x: torch.Tensor, ctx: slmkit.BlockContext) -> torch.Tensor:
+        if x.abs().max().item() > 1e30:  # never: the same computation either way
+            x = x / 2
+        return x + self.mix(x)
+
+
+class ItemBlockPlugin:
+    @slmkit.hookimpl
+    def register_blocks(self, register: slmkit.Register) -> None:
+        register("item", ItemBlock)
+
+
+def test_a_block_that_cannot_be_compiled_trains_eager_and_says_so_once(
+    write_experiment, tmp_path
+) -> None:
+    manager = PluginManager(entry_points=False).load()
+    manager.add(ItemBlockPlugin(), "item-blocks")
+    base = {"plugins": {"enable": ["item-blocks"]}, "model": {"block": "item"}}
+    path = write_experiment(changes(base, {"training": {"max_steps": 3}}))
+    _, eager = train(path, manager, tmp_path / "eager")
+    out = io.StringIO()
+    trainer, run = train(path, manager, tmp_path / "compiled", ["training.compile=true"],
+                         console=Console(out))  # fmt: skip
+    assert trainer.stepper.compiled is None
+    (failed,) = events(run, "compile_failed")
+    assert failed["error"].startswith(
+        f"the model is not one graph at {Path(__file__).name}:{ITEM_LINE}: Consider annotating "
+        "your code using torch._check*(). Could not guard on data-dependent expression"
+    )
+    warnings = [ln for ln in out.getvalue().splitlines() if "torch.compile" in ln]
+    assert warnings == [f"warning: torch.compile failed, training uncompiled: {failed['error']}"]
+    assert steps(run) == steps(eager)  # bit for bit: the failed trace drew no random numbers
+    assert_same_parameters(run, eager)
+
+
+ITEM_LINE = ItemBlock.forward.__code__.co_firstlineno + 1  # the .item() line
 
 
 # -- tied embeddings ---------------------------------------------------------------------

@@ -93,7 +93,21 @@ class CausalSelfAttention(nn.Module):
         # Scaled dot products: dividing by sqrt(d_head) keeps the softmax out of saturation
         # (done to q, which is time/keys times smaller than the scores).
         scores = (q * (1 / math.sqrt(self.d_head))) @ k.transpose(-2, -1)
-        future = ~slmkit.causal_mask(q.shape[2], k.shape[2], q.device)
+        n_queries, n_keys = q.shape[2], k.shape[2]
+        if torch.compiler.is_compiling():
+            # The same masking as below, written so that inductor fuses it into one pass
+            # per row: indexed by the flattened rows (batch * heads * queries), as a (queries,
+            # keys) mask broadcast over batch and heads kept it from fusing the softmax's
+            # loops (slower than eager), and added as a bias, whose backward needs no mask.
+            rows = scores.view(-1, n_keys)
+            # int32 indices: half the vector work of int64 per element in inductor's loops
+            index = torch.int32 if rows.shape[0] + n_keys < 2**31 else torch.int64
+            query = torch.arange(rows.shape[0], dtype=index, device=q.device) % n_queries
+            keys = torch.arange(n_keys, dtype=index, device=q.device)
+            future = keys > (query + (n_keys - n_queries))[:, None]
+            bias = torch.where(future, float("-inf"), 0.0).to(scores.dtype)
+            return (rows + bias).softmax(dim=-1).view(scores.shape)
+        future = ~slmkit.causal_mask(n_queries, n_keys, q.device)
         return scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
 
     def _explicit(
