@@ -460,17 +460,16 @@ def profile_steps(contender: Contender, n_steps: int, top: int = 15) -> dict[str
 
 
 def schedule(args: argparse.Namespace) -> dict[str, int]:
-    """Warm-up steps, rounds, steps per block, compile rounds, profiled steps, eval batches."""
+    """Warm-up steps, rounds, steps per block, profiled steps (all configurations each round)."""
     if args.smoke:
-        plan = {"warmup": 1, "rounds": 1, "block": 1, "compile_rounds": 1, "profile": 1}
+        plan = {"warmup": 1, "rounds": 1, "block": 1, "profile": 1}
     elif args.quick:
-        plan = {"warmup": 2, "rounds": 3, "block": 3, "compile_rounds": 3, "profile": 2}
+        plan = {"warmup": 2, "rounds": 3, "block": 3, "profile": 2}
     else:
-        plan = {"warmup": 4, "rounds": 16, "block": 6, "compile_rounds": 16, "profile": 5}
+        plan = {"warmup": 4, "rounds": 16, "block": 6, "profile": 5}
     for key in ("warmup", "rounds", "block"):
         if getattr(args, key, None):
             plan[key] = getattr(args, key)
-    plan["compile_rounds"] = min(plan["compile_rounds"], plan["rounds"])
     return plan
 
 
@@ -607,8 +606,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         per_round_cpu: dict[str, list[float]] = {}
         gemm_round: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for r in range(plan["rounds"]):
-            active = [*contenders, *(compiled if r < plan["compile_rounds"] else [])]
-            for c in rotated(active, r):
+            for c in rotated([*contenders, *compiled], r):
                 times = c.steps(plan["block"])
                 cpu = c.cpu_times[-len(times) :]
                 per_round.setdefault(c.label, []).append(statistics.median(times))
