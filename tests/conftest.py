@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,14 @@ def install_distributions(target: Path, folders: dict[str, Path], what: str) -> 
             f"installing {what} failed (the build needs hatchling from PyPI or uv's cache):"
             f"\n$ {' '.join(command)}\n{done.stdout}\n{done.stderr}"
         )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Run torch single-threaded for a module (``pytestmark = pytest.mark.usefixtures(...)``):
+    its ops are tiny, and on a busy 2-core machine the intra-op thread pool makes them up to
+    100x slower (threads wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

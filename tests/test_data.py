@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,8 @@ from slmkit.options import OptionValueError
 TEXT = "".join(chr(32 + (i * 7919) % 95) for i in range(1000))  # printable ASCII
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Run torch single-threaded: these ops are tiny, and on a busy 2-core machine the
-    intra-op thread pool makes them up to 100x slower (threads wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny ops: one torch thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ListCorpus:

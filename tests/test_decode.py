@@ -8,7 +8,6 @@ every token); the fast path must sample exactly its tokens, for any seed, temper
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,13 +23,8 @@ VOCAB = 99
 CTX = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny ops: one thread (a busy machine's thread pool only slows them down)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny ops: one torch thread (conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DIMS = ModelDims(
