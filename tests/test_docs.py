@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -51,3 +52,16 @@ def test_local_links_and_pictures_in_the_docs_exist() -> None:
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def test_no_file_holds_a_merge_conflict_marker() -> None:
+    """A hand merge once left ``<<<<<<<``/``=======``/``>>>>>>>`` lines in bench/RESULTS.md."""
+    marker = re.compile(r"^(<{7}|>{7}) |^={7}$", re.M)
+    suffixes = {".md", ".py", ".toml", ".txt", ".cfg", ".yml", ".yaml", ".json"}
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d != "runs"]
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix in suffixes:
+                found = marker.search(path.read_text(errors="replace"))
+                assert found is None, f"{path.relative_to(ROOT)}: {found.group(0)!r}"
