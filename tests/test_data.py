@@ -15,6 +15,7 @@ from slmkit_builtin.corpora import FileCorpus, FileOptions
 from slmkit.data import (
     BatchStream,
     compact_dtype,
+    count_equal,
     epoch_order,
     prepare_splits,
     read_corpus,
@@ -415,6 +416,12 @@ def test_unknown_tokens_are_counted_and_warned_about_above_2_percent() -> None:
         "cannot spell much of this text (the char tokenizer keeps ASCII only); check the "
         "corpus's encoding and language, or use the bpe tokenizer"
     )
+
+
+@given(st.lists(st.integers(0, 3), max_size=60), st.integers(1, 9), st.integers(0, 3))
+def test_count_equal_counts_across_chunk_edges(values: list[int], chunk: int, value: int) -> None:
+    tokens = torch.tensor(values, dtype=torch.uint8)
+    assert count_equal(tokens, value, chunk=chunk) == values.count(value)
 
 
 def test_file_corpus_non_utf8_file(tmp_path: Path) -> None:
