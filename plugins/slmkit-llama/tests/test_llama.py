@@ -192,6 +192,12 @@ def test_generate_with_and_without_cache_agree() -> None:
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fast_decode_step_computes_what_forward_does(bias: bool) -> None:
+    # bit for bit, position by position over a whole window (slmkit.testing.check_decode)
+    slmkit.testing.check_decode(build({"bias": bias}), seed=4)
+
+
 def test_watching_the_pattern_changes_nothing_and_gives_causal_rows() -> None:
     model = build()
     tokens = torch.randint(0, VOCAB, (2, 10))

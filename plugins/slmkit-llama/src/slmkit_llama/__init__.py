@@ -42,6 +42,7 @@ Hook points (the ``gpt`` block's, plus two): ``hook_resid_pre``, ``attn.hook_q/k
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import attrs
 import slmkit
@@ -232,6 +233,32 @@ class LlamaBlock(nn.Module):
         x = self.hook_resid_pre(x)
         x = x + self.attn(self.norm_1(x), ctx)
         return self.hook_resid_post(x + self.mlp(self.norm_2(x)))
+
+    def decoder(self) -> Callable[[torch.Tensor, slmkit.KVCache, int], torch.Tensor]:
+        """The fast sampling step: ``forward`` at one new position, ``x`` ``(batch, d_model)``.
+
+        Made once per generation (eval mode, no hook watching). It runs the operations
+        ``forward`` runs, on the same values, so sampling gives the same tokens; what it
+        leaves out is the module calls, hook points and the heads' reshapes around them.
+        """
+        attn, mlp = self.attn, self.mlp
+        n_heads, d_head, base = attn.n_heads, attn.d_head, attn.rope_base
+
+        def decode(x: torch.Tensor, cache: slmkit.KVCache, position: int) -> torch.Tensor:
+            batch, d_model = x.shape
+            qkv = F.linear(self.norm_1(x), attn.qkv.weight, attn.qkv.bias)
+            q, k, v = qkv.view(batch, 3, n_heads, 1, d_head).unbind(1)
+            at = torch.tensor([position], device=x.device)  # the absolute position, as in forward
+            keys, values = cache.append(apply_rope(k, at, base), v)
+            y = attn._attend(apply_rope(q, at, base), keys, values, 0.0)
+            # (batch, n_heads, 1, d_head) holds the heads side by side already
+            x = x + F.linear(y.view(batch, d_model), attn.proj.weight, attn.proj.bias)
+            h = self.norm_2(x)
+            gate = F.linear(h, mlp.gate.weight, mlp.gate.bias)
+            up = F.linear(h, mlp.up.weight, mlp.up.bias)
+            return x + F.linear(F.silu(gate) * up, mlp.down.weight, mlp.down.bias)
+
+        return decode
 
 
 @slmkit.hookimpl
