@@ -31,11 +31,13 @@ def export_command(args: argparse.Namespace, manager: PluginManager) -> int:
     runs = [resolve_run(name, args.runs_dir) for name in args.runs]
     trackers = [tracker_for(run_dir, args.to, manager) for run_dir in runs]
     for run_dir, tracker in zip(runs, trackers, strict=True):
+        exported = Trackers([tracker])
         try:
-            Trackers([tracker]).replay(run_dir)
+            exported.replay(run_dir)
         except TrackerFailed as exc:
             raise SlmkitError(f"{run_dir}: {exc}") from None
-        print(f"exported {run_dir} to {args.to}")
+        where = "".join(f": {where}" for _, where in exported.where)
+        print(f"exported {run_dir} to {args.to}{where}")
     return 0
 
 

@@ -81,6 +81,8 @@ class Trackers:
         #: the step of the latest event fed, which a failure names
         self.step = 0
         self.opened = False
+        #: (tracker name, where its record is) as each tracker's ``open`` said it
+        self.where: list[tuple[str, str]] = []
         #: how a failure is reported (a live run); None: raised as :class:`TrackerFailed`
         self._report: Callable[[TrackerEntry, str], None] | None = None
 
@@ -122,7 +124,9 @@ class Trackers:
         )
         self.step = resumed if isinstance(resumed, int) else 0
         for entry in list(self.entries):
-            self._guarded(entry, functools.partial(entry.hook.open, run))
+            where = self._guarded(entry, functools.partial(entry.hook.open, run))
+            if isinstance(where, str) and where:
+                self.where.append((entry.name, where))
         for event in events:
             self._record(event)
 
@@ -134,11 +138,11 @@ class Trackers:
             self._guarded(entry, functools.partial(entry.hook.record, event))
 
     def _guarded(
-        self, entry: TrackerEntry, call: Callable[[], None], *, closing: bool = False
-    ) -> None:
-        """``call()``; if it raises, drop the tracker and report it once."""
+        self, entry: TrackerEntry, call: Callable[[], object], *, closing: bool = False
+    ) -> object:
+        """``call()``'s result; if it raises, drop the tracker, report it once, None."""
         try:
-            call()
+            return call()
         except Exception as exc:
             self.entries.remove(entry)
             text = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -152,3 +156,4 @@ class Trackers:
             if not closing:
                 with contextlib.suppress(Exception):  # what it holds may still be written
                     entry.hook.close()
+            return None

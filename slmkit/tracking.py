@@ -101,7 +101,9 @@ class Tracker(Protocol):
     """Mirrors a run into an experiment tracker; built by ``factory(options)``.
 
     ``open(run)`` starts recording :class:`TrackedRun` ``run`` (import the tracker's
-    package here, not at the plugin's import, so a missing one fails only this tracker);
+    package here, not at the plugin's import, so a missing one fails only this tracker) and
+    may return where the record is, which the run's start says (a folder, an address, the
+    command that shows it);
     ``record(event)`` takes each log event in order (:func:`tracked_values` gives what to
     record); ``close()`` flushes and ends. A resumed run feeds the events its log kept
     again, and ``slmkit export`` feeds a finished run's into a store that may hold them
@@ -109,8 +111,9 @@ class Tracker(Protocol):
     exception from any method drops the tracker, reported once; the run goes on.
     """
 
-    def open(self, run: TrackedRun) -> None:
-        """Start recording ``run`` (a new record, or the one a resumed run continues)."""
+    def open(self, run: TrackedRun) -> str | None:
+        """Start recording ``run`` (a new record, or the one a resumed run continues);
+        return where the record is, for the console (None: nothing to say)."""
 
     def record(self, event: dict[str, Any]) -> None:
         """Record one log event (a dict as ``log.jsonl`` holds it)."""

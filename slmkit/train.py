@@ -203,6 +203,7 @@ class Trainer:
             f"{self.model.n_params:,} parameters on {self.device} "
             f"({self.stepper.precision.label}), "
             f"{len(self.data.splits.train):,} training tokens -> {run.run_dir}"
+            + "".join(f"\ntracker {name}: {where}" for name, where in self.trackers.where)
         )
         if self.world.launched:
             self.console.say(

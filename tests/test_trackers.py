@@ -3,6 +3,7 @@ trackio, `slmkit export`, and a failing tracker that never stops the run."""
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import shutil
@@ -428,7 +429,8 @@ def test_export_writes_what_streaming_wrote_and_never_twice(
         assert (
             main(["export", run_dir.name, "--to", tracker, "--runs-dir", str(run_dir.parent)]) == 0
         )
-        assert capsys.readouterr().out == f"exported {run_dir} to {tracker}\n"
+        said = capsys.readouterr().out
+        assert said.startswith(f"exported {run_dir} to {tracker}: ") and said.count("\n") == 1
     exported = tensorboard_records(run_dir), trackio_records("exported", run_dir.name)
     assert nan_as_text(exported[0]) == nan_as_text(streamed[0])
     assert nan_as_text(exported[1]) == nan_as_text(streamed[1])
@@ -438,6 +440,24 @@ def test_export_writes_what_streaming_wrote_and_never_twice(
     assert main(["export", str(run_dir), "--to", "trackio"]) == 0
     assert tensorboard_records(run_dir) == exported[0]
     assert nan_as_text(trackio_records("exported", run_dir.name)) == nan_as_text(exported[1])
+
+
+def test_a_run_says_where_each_tracker_writes_as_it_starts(
+    write_experiment, manager, tmp_path, trackio_store
+) -> None:
+    path = write_experiment({**BOTH, "experiment": {"name": "said where", "seed": 1}})
+    shown = io.StringIO()
+    summary = Trainer(load_experiment(path, manager), manager, str(path),
+                      runs_dir=tmp_path / "runs", console=Console(shown)).run()  # fmt: skip
+    run_dir = Path(summary["run_dir"])
+    lines = shown.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"run {run_dir.name}: "))
+    folder = run_dir / "tensorboard"
+    assert lines[start + 1 : start + 3] == [
+        f"tracker tensorboard: {folder} (to look: tensorboard --logdir {folder})",
+        f"tracker trackio: project 'said where', run {run_dir.name}, in "
+        f"{trackio_store / 'saidwhere.db'} (to look: trackio show --project 'said where')",
+    ]
 
 
 def tensorboard_wall_times(run_dir: Path) -> list[float]:

@@ -11,6 +11,7 @@ run writes only the values the folder's event files do not hold yet.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +78,14 @@ class TensorBoardTracker:
         self.held: dict[str, int] = {}
         self.hparams: dict[str, Any] = {}
 
-    def open(self, run: slmkit.TrackedRun) -> None:
-        """Open the run's event folder (a resumed run's: to add what it lacks)."""
+    def open(self, run: slmkit.TrackedRun) -> str:
+        """Open the run's event folder (a resumed run's: to add what it lacks); say which."""
         writer_class = summary_writer_class()
         folder = run.run_dir / self.options.folder
         self.held = held_steps(folder)
         self.hparams = run.hparams
         self.writer = writer_class(str(folder), flush_secs=self.options.flush_secs)
+        return f"{folder} (to look: tensorboard --logdir {shlex.quote(str(folder))})"
 
     def record(self, event: dict[str, Any]) -> None:
         """Write what the event measured that the folder does not hold yet."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shlex
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,8 +58,8 @@ class TrackioTracker:
         self.run: Any = None
         self.held: dict[str, int] = {}
 
-    def open(self, run: slmkit.TrackedRun) -> None:
-        """Start (or, for a run trackio has seen, continue) the trackio run."""
+    def open(self, run: slmkit.TrackedRun) -> str:
+        """Start (or, for a run trackio has seen, continue) the trackio run; say where."""
         trackio = self.trackio = import_trackio()
         project = self.options.project or run.name
         for row in trackio.SQLiteStorage.get_logs(project, run.run_id):
@@ -75,6 +76,9 @@ class TrackioTracker:
                 auto_log_gpu=False,
                 embed=False,
             )
+        store = trackio.SQLiteStorage.get_project_db_path(project)
+        look = f"trackio show --project {shlex.quote(project)}"
+        return f"project {project!r}, run {run.run_id}, in {store} (to look: {look})"
 
     def record(self, event: dict[str, Any]) -> None:
         """Log what the event measured that the store does not hold yet, as one row."""
