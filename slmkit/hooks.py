@@ -66,7 +66,7 @@ class EnabledHook:
             return getattr(self.hook, method)(*args)
         except HookFailure:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a plugin fails the run, logged
             raise HookFailure(f"{self.label}.{method}", self.plugin, exc) from exc
 
     def start(self, run: Run) -> None:

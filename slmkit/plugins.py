@@ -344,7 +344,7 @@ class PluginManager:
             for impl in reversed(impls):  # pluggy's order: last registered first
                 try:
                     impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:  # sys.exit() too: logged as a failure
                     raise HookFailure(f"run event {hook_name}", impl.plugin_name, exc) from exc
 
         return call

@@ -247,7 +247,7 @@ def _fixed_batch(
             tokens = entry.hook.inputs(setup)
     except OptionValueError as exc:
         raise ConfigError(exp.source, f"{where}.{exc.key}", exc.message) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         failure = HookFailure(f"{entry.label}.inputs", entry.plugin, exc)
         raise ConfigError(exp.source, where, str(failure)) from exc
     dims = model.dims

@@ -143,7 +143,7 @@ class Trackers:
         """``call()``'s result; if it raises, drop the tracker, report it once, None."""
         try:
             return call()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a tracker's sys.exit() must not end the run
             self.entries.remove(entry)
             text = (str(exc).strip().splitlines() or [""])[0][:300]
             message = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -638,6 +639,10 @@ def test_update_hook_order_matters() -> None:
 # == 5. a failing hook stops the run with an error naming it ===============================
 
 
+#: what the exploding hooks raise; a test swaps in SystemExit (a plugin calling sys.exit)
+BOOM: BaseException = RuntimeError("boom")
+
+
 class ExplodingForwardHook:
     default_points = ("hook_embed",)
     phases = ("train",)
@@ -648,7 +653,7 @@ class ExplodingForwardHook:
     def observe(self, point: str, activation: torch.Tensor) -> None:
         self.calls += 1  # one point, so one call per training step
         if self.calls == 3:
-            raise RuntimeError("boom")
+            raise BOOM
 
     def flush(self, step: int, phase: str) -> None:
         return None
@@ -660,7 +665,7 @@ class ExplodingUpdateHook:
 
     def apply(self, parameters: Any, step: int, log: bool) -> None:
         if step == 3:
-            raise RuntimeError("boom")
+            raise BOOM
 
 
 class ForwardHookPlugin:
@@ -679,7 +684,7 @@ class StepEndPlugin:
     @slmkit.hookimpl
     def on_step_end(self, step):
         if step == 3:
-            raise RuntimeError("boom")
+            raise BOOM
 
 
 @pytest.mark.parametrize(
@@ -693,7 +698,11 @@ class StepEndPlugin:
     ],
     ids=["forward_hook", "update_hook", "run_event"],
 )  # fmt: skip
-def test_a_failing_hook_stops_the_run(write_experiment, tmp_path, plugin, tables, what) -> None:
+@pytest.mark.parametrize("error", [RuntimeError("boom"), SystemExit("boom")], ids=repr)
+def test_a_failing_hook_stops_the_run(
+    write_experiment, tmp_path, monkeypatch, plugin, tables, what, error
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "BOOM", error)
     manager = PluginManager(entry_points=False).load()
     manager.add(plugin, "bad-plugin")
     path = write_experiment({
@@ -708,12 +717,12 @@ def test_a_failing_hook_stops_the_run(write_experiment, tmp_path, plugin, tables
     (run_dir,) = runs.iterdir()
     latest = run_dir / "checkpoints" / "latest.pt"
     assert str(caught.value) == (
-        f"{what} (plugin 'bad-plugin') failed: RuntimeError: boom at step 3; "
+        f"{what} (plugin 'bad-plugin') failed: {type(error).__name__}: boom at step 3; "
         f"the last checkpoint, {latest}, is intact"
     )
     failure = caught.value.__cause__
     assert isinstance(failure, HookFailure) and failure.plugin == "bad-plugin"
-    assert isinstance(failure.cause, RuntimeError)
+    assert failure.cause is error
     log = read_events(run_dir / "log.jsonl")
     assert log[-1]["event"] == "run_failed"
     assert log[-1]["step"] == 3 and log[-1]["error"] == str(caught.value)

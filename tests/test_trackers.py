@@ -577,21 +577,22 @@ def test_a_missing_tracker_package_is_one_line_and_the_run_completes(
 
 
 #: what FlakyTracker saw
-FLAKY: dict[str, Any] = {}
+FLAKY: dict[str, Any] = {"error": OSError(28, "No space left on device")}
 
 
 class FlakyTracker:
     """Records steps until step 4, where its disk is full."""
 
     def __init__(self, options: Any) -> None:
-        FLAKY.clear()
+        for key in ("opened", "closed"):
+            FLAKY.pop(key, None)
 
     def open(self, run: slmkit.TrackedRun) -> None:
         FLAKY["opened"] = run
 
     def record(self, event: dict[str, Any]) -> None:
         if event.get("step") == 4:
-            raise OSError(28, "No space left on device")
+            raise FLAKY["error"]
 
     def close(self) -> None:
         FLAKY["closed"] = True
@@ -603,16 +604,23 @@ class FlakyPlugin:
         register("flaky", FlakyTracker)
 
 
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [(OSError(28, "No space left on device"), "OSError: [Errno 28] No space left on device"),
+     (SystemExit(2), "SystemExit: 2")],  # a tracker calling sys.exit() does not end the run
+    ids=["full disk", "sys.exit"],
+)  # fmt: skip
 def test_a_tracker_failing_midway_is_dropped_once_and_the_others_go_on(
-    write_experiment, manager, tmp_path, capsys
+    write_experiment, manager, tmp_path, capsys, monkeypatch, error, said
 ) -> None:
+    monkeypatch.setitem(FLAKY, "error", error)
     manager.add(FlakyPlugin(), "flaky-plugin")
     path = write_experiment({"plugins": {"enable": ["flaky-plugin"]},
                              "trackers": [{"name": "flaky"}, {"name": "tensorboard"}]})  # fmt: skip
     run_dir = train(path, tmp_path / "runs", manager)
     assert capsys.readouterr().err.splitlines() == [
-        "slmkit: warning: tracker 'flaky' (flaky-plugin) failed at step 4: OSError: [Errno 28] "
-        "No space left on device; the run goes on without it"
+        f"slmkit: warning: tracker 'flaky' (flaky-plugin) failed at step 4: {said}; "
+        "the run goes on without it"
     ]
     opened = FLAKY["opened"]
     assert (opened.run_id, opened.run_dir, opened.name) == (run_dir.name, run_dir, "tiny")
