@@ -9,8 +9,9 @@ members of a seed axis differ in ``experiment.seed`` only.
 
 ``--resume-sweep ID`` plans the same grid under the sweep id ``ID``: the runs of that sweep
 in the runs folder must have been made by the same grid (size and values) and experiment;
-a member with a finished run is done, one with an unfinished run that saved a checkpoint
-continues it, any other starts again.
+a member with a run finished at its ``training.max_steps`` is done, one with an unfinished
+run that saved a checkpoint (or a finished one, when ``max_steps`` was raised) continues
+it, any other starts again.
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ def match_previous(sweep: Sweep) -> None:
                 f"{option}: run {index + 1} is still running ({running[0].status_detail}) in "
                 f"{running[0].run_dir}; stop it first"
             )
-        member.done = any(r.status == "finished" for r in runs)
+        # a run finished short of a raised max_steps trains on, as --resume would
+        target = member.exp.training.max_steps
+        member.done = any(r.status == "finished" and r.steps >= target for r in runs)
         saved = [r.run_dir for r in runs if any((r.run_dir / "checkpoints").glob("*.pt"))]
         if not member.done and saved:
             member.resume = saved[0]  # the newest run that saved a checkpoint

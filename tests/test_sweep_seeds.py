@@ -247,6 +247,29 @@ def test_a_member_that_never_started_runs_again_on_resume(write_experiment, tmp_
     assert records[1].run_dir == kept.run_dir and tree(kept.run_dir) == untouched
 
 
+def test_a_resumed_sweep_trains_its_finished_runs_on_to_a_raised_max_steps(
+    write_experiment, tmp_path: Path
+) -> None:
+    path = write_experiment({})
+    runs = tmp_path / "runs"
+    options = ["run", str(path), "--runs-dir", str(runs), "--seeds", "2", "--threads", "1"]
+    code, out, err = run_main(*options, "--set", "training.max_steps=3")
+    assert code == 0, err
+    sweep_id = sweep_id_of(out)
+    first = {r.sweep["index"]: r.run_dir for r in list_runs(runs)}
+    code, out, err = run_main(*options, "--set", "training.max_steps=6", "--resume-sweep", sweep_id)
+    assert code == 0, err
+    assert f"sweep {sweep_id}: 2 runs of {path}\n" in out  # none finished at 6 steps
+    records = list_runs(runs)
+    assert {r.sweep["index"]: r.run_dir for r in records} == first  # in their own folders
+    assert [(r.status, r.steps) for r in records] == [("finished", 6)] * 2
+    for run_dir in first.values():
+        assert events(run_dir, "run_start")[-1]["resumed_from_step"] == 3
+    # at that max_steps they are done
+    code, out, err = run_main(*options, "--set", "training.max_steps=6", "--resume-sweep", sweep_id)
+    assert code == 0 and "2 finished already" in out, err
+
+
 class CtrlC:
     """A plugin that sends this process SIGINT right after the checkpoint of step 3 of one seed."""
 
