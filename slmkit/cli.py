@@ -61,14 +61,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     device (sizes, no weights), with the optimizer, schedule and hooks: what a run would
     refuse, this refuses first.
     """
+    from pathlib import Path
+
     from slmkit.build import build_parts, resolve_device
     from slmkit.config.resolve import load_experiment
+    from slmkit.errors import ConfigError
     from slmkit.flops import apply_max_flops
+    from slmkit.rundir import runs_folder_problem
 
     manager = _manager()
     exp, budget = apply_max_flops(load_experiment(args.experiment, manager, args.set))
     device = resolve_device(exp.training.device, args.experiment)
     parts = build_parts(exp, device, meta=True)
+    problem = runs_folder_problem(Path(exp.experiment.runs_dir))
+    if problem is not None:  # as the run would find when it makes its folder
+        raise ConfigError(args.experiment, "experiment.runs_dir", f"{problem}; runs cannot be kept")
     model, splits = parts.model, parts.data.splits
     print(f"# {args.experiment}: valid")
     print(f"# config_hash {exp.config_hash}")

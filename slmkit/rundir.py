@@ -141,6 +141,21 @@ def create_run_dir(runs_dir: Path, name: str) -> tuple[str, Path]:
     raise RunError(f"cannot find a free run folder name in {runs_dir}")
 
 
+def runs_folder_problem(runs_dir: Path) -> str | None:
+    """Why no run folder can be made in ``runs_dir`` (None: one can); nothing is made.
+
+    The nearest part of the path that exists must be a folder this process may write in.
+    """
+    existing = runs_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is a folder this user may not write in"
+    return None
+
+
 def is_run_folder(folder: Path) -> bool:
     """Whether ``folder`` is a run folder: experiment.toml and log.jsonl beside checkpoints/."""
     return (

@@ -105,6 +105,25 @@ def test_validate_refuses_what_run_refuses_with_the_same_line(
     assert not (tmp_path / "runs").exists()
 
 
+def test_validate_refuses_a_runs_folder_that_cannot_hold_runs(
+    write_experiment, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    path = write_experiment({"experiment": {"runs_dir": "taken/runs"}})
+    assert main(["validate", str(path)]) == 2
+    said = capsys.readouterr()
+    assert said.out == "" and said.err == (
+        f"slmkit: error: {path}: experiment.runs_dir: taken is not a folder; runs cannot be kept\n"
+    )
+    assert main(["run", str(path)]) != 0  # the run refuses it too, when it makes its folder
+    assert "cannot create the run folder taken/runs/" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "a file, not a folder"
+    # a folder that does not exist yet is fine: the run makes it
+    path = write_experiment({"experiment": {"runs_dir": "new/runs"}})
+    assert main(["validate", str(path)]) == 0 and not (tmp_path / "new").exists()
+
+
 def test_validate_reports_the_data_and_warns_of_unknown_characters(
     write_experiment, tmp_path, monkeypatch, capsys
 ) -> None:
