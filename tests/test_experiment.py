@@ -57,6 +57,23 @@ def test_dump_and_load_round_trip(manager: PluginManager, tmp_path: Path) -> Non
     assert again.config_hash == exp.config_hash
 
 
+def test_arrays_of_tables_are_written_as_blocks_after_the_tables(
+    manager: PluginManager, tmp_path: Path
+) -> None:
+    exp = experiment_from_dict({
+        "forward_hooks": [{"name": "activation_stats", "points": ["blocks.0.hook_resid_post"]},
+                          {"name": "capture", "enabled": False}],
+        "probes": [{"name": "induction", "every": 2}],
+    }, manager, "x.toml")  # fmt: skip
+    text = exp.to_toml()
+    assert "{" not in text  # no inline tables
+    headers = [line for line in text.splitlines() if line.startswith("[")]
+    assert headers[-3:] == ["[[forward_hooks]]", "[[forward_hooks]]", "[[probes]]"]
+    assert '[[forward_hooks]]\nname = "activation_stats"\nenabled = true\n' in text
+    (tmp_path / "resolved.toml").write_text(text)
+    assert load_experiment(tmp_path / "resolved.toml", manager) == exp
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     n_heads=st.sampled_from([1, 2, 4, 8]),

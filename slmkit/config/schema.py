@@ -288,9 +288,20 @@ class Experiment:
         return out
 
     def to_toml(self) -> str:
-        """The resolved experiment as TOML (what the run folder's experiment.toml holds)."""
-        data = {k: v for k, v in self.to_dict().items() if v != []}  # no empty arrays
-        return tomli_w.dumps(data)
+        """The resolved experiment as TOML (what the run folder's experiment.toml holds).
+
+        The tables, then each entry of ``[[forward_hooks]]``, ``[[probes]]``... as its own
+        ``[[...]]`` block, as experiment files are written (tomli_w alone would put short
+        entries inline, at the top of the file).
+        """
+        data = self.to_dict()
+        arrays = {table: data.pop(table) for table in self.arrays}
+        text = tomli_w.dumps(data)
+        for table, entries in arrays.items():
+            for entry in entries:  # the entry's own sub-tables follow as [table.key]
+                block = tomli_w.dumps({table: entry}).removeprefix(f"[{table}]\n")
+                text += f"\n[[{table}]]\n{block}"
+        return text
 
     @property
     def config_hash(self) -> str:
