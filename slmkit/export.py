@@ -17,11 +17,12 @@ from typing import Any
 
 from slmkit.config.resolve import resolve_table
 from slmkit.errors import ConfigError, SlmkitError
+from slmkit.hooks import EnabledHook
 from slmkit.options import OptionValueError
 from slmkit.plugins import PluginManager
 from slmkit.runfiles import read_experiment
 from slmkit.runs import read_run, resolve_run
-from slmkit.trackers import EnabledTracker, TrackerFailed, Trackers
+from slmkit.trackers import TrackerFailed, Trackers
 
 
 def export_command(args: argparse.Namespace, manager: PluginManager) -> int:
@@ -41,7 +42,7 @@ def export_command(args: argparse.Namespace, manager: PluginManager) -> int:
     return 0
 
 
-def tracker_for(run_dir: Path, name: str, manager: PluginManager) -> EnabledTracker:
+def tracker_for(run_dir: Path, name: str, manager: PluginManager) -> EnabledHook:
     """The tracker ``name`` for a run: with the options of its ``[[trackers]]`` table of
     that name, if it has one. A running or damaged run is refused with one line."""
     record = read_run(run_dir)
@@ -69,4 +70,4 @@ def tracker_for(run_dir: Path, name: str, manager: PluginManager) -> EnabledTrac
     except OptionValueError as exc:  # a bad combination of options
         where = f"{source}: trackers.{index}" if index is not None else f"--to {name}"
         raise SlmkitError(f"{where}.{exc.key}: {exc.message}") from None
-    return EnabledTracker(name, section.component.plugin, tracker)
+    return EnabledHook("tracker", name, section.component.plugin, tracker)

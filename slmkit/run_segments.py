@@ -73,7 +73,8 @@ def status(segment: Segment) -> tuple[str, str]:
     return "stopped", "the process ended without logging why (killed?)"
 
 
-def _time(event: Event | None) -> datetime | None:
+def event_time(event: Event | None) -> datetime | None:
+    """When ``event`` was logged (its ISO-8601 ``timestamp``); None if it has none."""
     try:
         return datetime.fromisoformat(str((event or {})["timestamp"]).replace("Z", "+00:00"))
     except (KeyError, ValueError):
@@ -91,7 +92,7 @@ def recent_steps_per_s(segment: Segment, recent_s: float = RECENT_S) -> float | 
     since they take the run's time too. ``None`` before two such events."""
     points: list[tuple[datetime, int]] = []
     for event in segment:
-        step, when = event.get("step"), _time(event)
+        step, when = event.get("step"), event_time(event)
         if event.get("event") == "train_step" and type(step) is int and when is not None:
             points.append((when, step))
     if len(points) < 2:
@@ -129,7 +130,7 @@ def whole_run_tokens_per_s(segments: Sequence[Segment], tokens_per_step: int) ->
         else:
             end = next((e for e in segment if e.get("event") == "run_end"), None)
             to_step = int((end or {}).get("summary", {}).get("steps", 0))
-        begin, finish = _time(start), _time(end)
+        begin, finish = event_time(start), event_time(end)
         if begin is None or finish is None:
             return None
         kept_seconds += (finish - begin).total_seconds()

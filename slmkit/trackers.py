@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import attrs
-
 from slmkit.errors import SlmkitError
 from slmkit.run_segments import kept_events
 from slmkit.runfiles import read_experiment
@@ -38,17 +36,8 @@ class EventLog(Protocol):
 
 
 class TrackerEntry(Protocol):
-    """One enabled tracker: its component's name, its plugin, and the tracker (``hook``,
-    as in the kernel's entries of every other enabled component)."""
-
-    name: str
-    plugin: str
-    hook: Tracker
-
-
-@attrs.define
-class EnabledTracker:
-    """A :class:`TrackerEntry` (what ``slmkit export`` builds)."""
+    """One enabled tracker: its component's name, its plugin, and the tracker (``hook``):
+    the :class:`slmkit.hooks.EnabledHook` the kernel makes of every enabled component."""
 
     name: str
     plugin: str

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
 
 from slmkit.config.diff import flatten
+from slmkit.run_segments import event_time
 
 #: a hyperparameter as trackers' hparams views take it
 HParam = bool | int | float | str
@@ -141,7 +141,8 @@ def tracked_values(event: Mapping[str, Any]) -> TrackedValues | None:
     logged as ``null`` for being NaN or infinite is recorded as that float again.
     """
     fields = _restored(dict(event))
-    name, time = str(fields.get("event")), _seconds(fields.get("timestamp"))
+    logged = event_time(fields)
+    name, time = str(fields.get("event")), None if logged is None else logged.timestamp()
     if name == "run_end":
         return _final(fields.get("summary"), time)
     step = fields.get("step")
@@ -162,14 +163,6 @@ def tracked_values(event: Mapping[str, Any]) -> TrackedValues | None:
                 tag = key.removeprefix(strip) if strip else key
                 _collect(values, f"{prefix}/{tag}", value)
     return values if values.tags else None
-
-
-def _seconds(timestamp: Any) -> float | None:
-    """An event's ISO-8601 ``timestamp`` in seconds since the epoch; None if it has none."""
-    try:
-        return datetime.fromisoformat(str(timestamp).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _final(summary: Any, time: float | None) -> TrackedValues | None:

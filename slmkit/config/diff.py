@@ -28,13 +28,13 @@ def config_hash(experiment: Mapping[str, Any]) -> str:
 
     Empty arrays of tables count as absent, as in ``experiment.toml``.
     """
-    defining: dict[str, Any] = {
-        k: v for k, v in experiment.items() if v != [] and k not in NOT_HASHED
-    }
-    for dotted in NOT_HASHED:
-        table, _, key = dotted.partition(".")
-        if key and isinstance(defining.get(table), Mapping):
-            defining[table] = {k: v for k, v in defining[table].items() if k != key}
+    defining: dict[str, Any] = {}
+    for table, value in experiment.items():
+        if value == [] or not_hashed(table):
+            continue
+        if isinstance(value, Mapping):
+            value = {k: v for k, v in value.items() if not not_hashed(f"{table}.{k}")}
+        defining[table] = value
     canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
