@@ -7,7 +7,6 @@ back is known exactly.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import math
@@ -17,22 +16,13 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import TINY, merge
+from conftest import TINY, merge, run_main
 
-from slmkit.cli import main
 from slmkit.probe_curves import LAYER_HEAD, PER_LAYER, SCALAR, ProbeMetric
 from slmkit.probe_figure import HEATMAP_RUNS, formed_step, heatmap_runs, probes_figure
 from slmkit.runs import read_run
 
 STEPS = [0, 50, 100, 150]
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    """``slmkit ARGS`` in this process: exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def induction_score(step: int, shift: int = 0) -> list[list[float]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
@@ -17,11 +16,10 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import TINY, merge
+from conftest import TINY, merge, run_main
 from hypothesis import given
 from hypothesis import strategies as st
 
-from slmkit.cli import main
 from slmkit.compare import (
     FIGURE_DPI,
     FIGURE_INCHES,
@@ -41,14 +39,6 @@ from slmkit.sweep import grid, split_values
 from slmkit.table import format_table
 
 SWEEP = ["--sweep", "model.n_layers=1,2", "--sweep", "optimizer.learning_rate=1e-3,3e-3"]
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    """``slmkit ARGS`` in this process: exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

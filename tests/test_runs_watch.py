@@ -3,9 +3,7 @@ plain table once when stdout is not a terminal."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import io
 import json
 import math
 import os
@@ -23,9 +21,8 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import ROOT, TINY, merge
+from conftest import ROOT, TINY, merge, run_main
 
-from slmkit.cli import main
 from slmkit.run_segments import recent_steps_per_s
 from slmkit.runs import read_run
 from slmkit.runs_watch import (
@@ -37,15 +34,6 @@ from slmkit.runs_watch import (
     frame,
     sparkline,
 )
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    """``slmkit ARGS`` in this process (stdout is no terminal): code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
-
 
 # -- sparkline and ETA -------------------------------------------------------------------
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import math
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tomli_w
-from conftest import ROOT, events, train
+from conftest import ROOT, events, run_main, train
 from scipy.optimize import minimize_scalar
 
 from slmkit.cli import main
@@ -106,14 +105,6 @@ def test_too_few_points_and_a_fit_that_does_not_converge_are_one_line_errors() -
 
 
 # -- `slmkit scaling` on run folders ---------------------------------------------------------
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    """``slmkit ARGS`` in this process: exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 #: what a fake run's experiment.toml holds: 4 windows of 32 tokens a step

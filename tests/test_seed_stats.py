@@ -9,8 +9,6 @@ written out), never through slmkit's own statistics.
 from __future__ import annotations
 
 import base64
-import contextlib
-import io
 import json
 import math
 import os
@@ -26,10 +24,9 @@ from typing import Any
 import numpy as np
 import pytest
 import tomli_w
-from conftest import TINY, merge
+from conftest import TINY, merge, run_main
 from scipy import stats
 
-from slmkit.cli import main
 from slmkit.runlog import read_events
 from slmkit.runs import Curve, read_run
 from slmkit.seed_groups import Group, pick_baseline
@@ -44,14 +41,6 @@ from slmkit.seed_stats import (
 
 LEARNING_RATES = (0.001, 0.003)
 SEEDS = (1, 2, 3)
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    """``slmkit ARGS`` in this process: exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def corpus_text() -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
 import shlex
@@ -12,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY, assert_same_parameters, events, losses, merge, train
+from conftest import TINY, assert_same_parameters, events, losses, merge, run_main, train
 
 import slmkit
 from slmkit.config.diff import changed_keys
@@ -20,16 +18,6 @@ from slmkit.config.resolve import load_experiment
 from slmkit.plugins import PluginManager
 from slmkit.runs import list_runs, read_run
 from slmkit.sweep import grid, seed_axis, seed_values
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    """``slmkit ARGS`` in this process: exit code, stdout, stderr."""
-    from slmkit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def sweep_id_of(out: str) -> str:
