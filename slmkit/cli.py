@@ -186,13 +186,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from slmkit.runs import list_runs
     from slmkit.runs_table import runs_table
 
+    records = list_runs(args.dir, sweep=args.sweep)  # its refusals come first, watched or not
     if args.watch and sys.stdout.isatty():
         from slmkit.runs_watch import watch_runs
 
         return watch_runs(args.dir, args.sweep, args.interval)
     if args.watch:  # a file or a pipe: the table once, as without --watch
         print("slmkit: --watch needs a terminal: the table is printed once", file=sys.stderr)
-    records = list_runs(args.dir, sweep=args.sweep)
     if args.json:
         print(json.dumps([r.as_json() for r in records], indent=2))
     elif not records:
