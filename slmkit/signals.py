@@ -126,7 +126,15 @@ class StopSignals(SignalCatcher):
         return RunInterrupted(f"{name} at step {step}: saved {path}; resume with: {resume}", code)
 
     def agreed(self) -> int | None:
-        """The signal every rank acts on: one any rank received (a collective read)."""
-        if self.world.launched:
-            self.received = self.world.max_int(self.received or 0) or None
-        return self.received
+        """The signal every rank acts on: one any rank received (a collective read).
+
+        A signal that arrives while the ranks agree is kept for the next call: its handler
+        may run inside the collective, after this rank sent "none".
+        """
+        if not self.world.launched:
+            return self.received
+        agreed = self.world.max_int(self.received or 0)
+        if not agreed:
+            return None
+        self.received = agreed
+        return agreed

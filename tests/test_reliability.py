@@ -23,12 +23,13 @@ import slmkit
 from slmkit import checkpoint
 from slmkit.cli import main
 from slmkit.config.resolve import load_experiment
+from slmkit.distributed import World
 from slmkit.errors import CheckpointError, RunError
 from slmkit.plugins import PluginManager
 from slmkit.progress import Console
 from slmkit.runlog import read_events
 from slmkit.runs import list_runs
-from slmkit.signals import launcher, resume_command
+from slmkit.signals import StopSignals, launcher, resume_command
 from slmkit.train import Trainer
 
 
@@ -104,6 +105,33 @@ def test_a_signal_saves_a_checkpoint_and_resume_completes_exactly(
     trainer(path, tmp_path / "x", manager, resume=run_dir).run()
     full = Path(trainer(path, tmp_path / "full", manager).run()["run_dir"])
     assert_equal_parameters(final_parameters(run_dir), final_parameters(full))
+
+
+class RaceWorld(World):
+    """Two ranks in one process: the other rank's value, and a signal delivered to this
+    rank while the collective runs (its handler runs before the result comes back)."""
+
+    def __init__(self, stop: list[StopSignals], other: int = 0) -> None:
+        super().__init__(rank=0, world_size=2, launched=True)
+        self.stop, self.other = stop, other
+        self.signal_during: int | None = None
+
+    def max_int(self, value: int) -> int:
+        if self.signal_during is not None:
+            self.stop[0].on_signal(self.signal_during, None)
+            self.signal_during = None
+        return max(value, self.other)
+
+
+def test_a_signal_that_arrives_while_the_ranks_agree_is_kept_for_the_next_step() -> None:
+    stops: list[StopSignals] = []
+    world = RaceWorld(stops)
+    stops.append(StopSignals(world))
+    world.signal_during = signal.SIGTERM  # this rank sent 0; the other rank too
+    assert stops[0].agreed() is None  # nobody had it when the values were sent...
+    assert stops[0].agreed() == signal.SIGTERM  # ...so every rank stops a step later
+    other_had_it = StopSignals(RaceWorld([], other=signal.SIGINT))
+    assert other_had_it.agreed() == signal.SIGINT and other_had_it.received == signal.SIGINT
 
 
 #: where kill_driver.py may kill a process (see there), and the largest N drawn for each:
