@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=V1,V2,...",
-        help="run once per value (repeat for a grid of every combination); see docs/experiments.md",
+        help="run once per value (repeat for a grid of every combination); KEY1,KEY2=[A1,A2],"
+        "[B1,B2] sets keys together; see docs/comparing-runs.md",
     )
     p.add_argument(
         "--seeds",

@@ -6,6 +6,10 @@ by commas (commas inside ``[...]``, ``{...}`` or quotes belong to the value). Se
 ``--sweep`` options make a grid: every combination is one run, the first option varying
 slowest. A combination is applied like ``--set`` overrides, after the ``--set`` ones.
 
+One ``--sweep`` may also name several keys that change together (a "zipped" axis, such as a
+model's depth and width): ``KEY1,KEY2=[A1,A2],[B1,B2]`` is two runs, one with ``KEY1=A1``
+and ``KEY2=A2``, one with ``KEY1=B1`` and ``KEY2=B2``.
+
 Seeds are one more axis, the last (fastest varying), on ``experiment.seed``: ``--seeds N``
 gives the seeds ``seed, seed + 1, ..., seed + N - 1`` of the experiment, and
 ``[experiment] seeds = [...]`` lists them (:func:`seed_values`).
@@ -50,23 +54,47 @@ def split_values(raw: str) -> list[str]:
 SEED_KEY, SEEDS_KEY = "experiment.seed", "experiment.seeds"
 
 
-def parse_sweeps(texts: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """The ``--sweep`` options as ``(key, [raw values])``, checked for shape."""
-    axes: list[tuple[str, list[str]]] = []
+#: one axis of a sweep: the keys it sets, and for each of its values one raw TOML text per key
+Axis = tuple[list[str], list[list[str]]]
+
+SHAPE = "expected KEY=V1,V2,... e.g. model.n_layers=2,4,6 (or KEY1,KEY2=[A1,A2],[B1,B2],...)"
+
+
+def parse_sweeps(texts: Sequence[str]) -> list[Axis]:
+    """The ``--sweep`` options as axes, checked for shape and their values as ``--set``
+    checks them."""
+    axes: list[Axis] = []
     for text in texts:
-        key, sep, raw = text.partition("=")
-        key = key.strip()
+        head, sep, raw = text.partition("=")
+        keys = [key.strip() for key in head.split(",")]
         values = split_values(raw) if sep else []
-        if not sep or not key or not raw.strip() or any(not v for v in values):
-            raise ConfigError("--sweep", text, "expected KEY=V1,V2,... e.g. model.n_layers=2,4,6")
-        if any(key == seen for seen, _ in axes):
-            raise ConfigError("--sweep", key, "given twice; list all its values in one --sweep")
-        if key == SEEDS_KEY:
-            raise ConfigError("--sweep", key, "seeds are an axis of their own: use --seeds N")
-        for value in values:
-            parse_override(f"{key}={value}")  # the same key and value checks as --set
-        axes.append((key, values))
+        if not sep or not all(keys) or not raw.strip() or any(not v for v in values):
+            raise ConfigError("--sweep", text, SHAPE)
+        for key in keys:
+            if any(key in seen for seen, _ in axes) or keys.count(key) > 1:
+                raise ConfigError("--sweep", key, "given twice; list all its values in one --sweep")
+            if key == SEEDS_KEY:
+                raise ConfigError("--sweep", key, "seeds are an axis of their own: use --seeds N")
+        rows = [zipped_values(keys, value) for value in values]
+        for row in rows:
+            for key, value in zip(keys, row, strict=True):
+                parse_override(f"{key}={value}")  # the same key and value checks as --set
+        axes.append((keys, rows))
     return axes
+
+
+def zipped_values(keys: list[str], value: str) -> list[str]:
+    """One value of an axis as one raw text per key: ``value`` itself for one key, the items
+    of ``[A1,A2,...]`` for several."""
+    if len(keys) == 1:
+        return [value]
+    items = split_values(value[1:-1]) if value.startswith("[") and value.endswith("]") else []
+    if len(items) != len(keys) or not all(items):
+        raise ConfigError(
+            "--sweep", ",".join(keys),
+            f"{value}: expected [V1,V2,...] with one value for each of the {len(keys)} keys",
+        )  # fmt: skip
+    return items
 
 
 def seed_values(count: int | None, listed: Sequence[int], seed: int, source: str) -> list[int]:
@@ -88,24 +116,27 @@ def seed_values(count: int | None, listed: Sequence[int], seed: int, source: str
     return list(listed)
 
 
-def seed_axis(
-    axes: Sequence[tuple[str, list[str]]], seeds: Sequence[int]
-) -> list[tuple[str, list[str]]]:
+def seed_axis(axes: Sequence[Axis], seeds: Sequence[int]) -> list[Axis]:
     """``axes`` with the seed axis appended last, so it varies fastest (no seeds: as is)."""
     if not seeds:
         return list(axes)
-    if any(key == SEED_KEY for key, _ in axes):
+    if any(SEED_KEY in keys for keys, _ in axes):
         raise ConfigError("--sweep", SEED_KEY, "swept twice: by --sweep and by the seeds")
-    return [*axes, (SEED_KEY, [str(s) for s in seeds])]
+    return [*axes, ([SEED_KEY], [[str(s)] for s in seeds])]
 
 
-def grid(axes: Sequence[tuple[str, list[str]]]) -> list[list[str]]:
+def axis_keys(axes: Sequence[Axis]) -> list[str]:
+    """Every key the axes set, in order (the sweep table's extra columns)."""
+    return [key for keys, _ in axes for key in keys]
+
+
+def grid(axes: Sequence[Axis]) -> list[list[str]]:
     """Every combination of the axes' values, as lists of ``KEY=VALUE`` overrides."""
-    keys = [key for key, _ in axes]
     return [
-        [f"{key}={value}" for key, value in zip(keys, combo, strict=True)]
-        for combo in itertools.product(*(values for _, values in axes))
-    ]
+        [f"{key}={value}" for (keys, _), row in zip(axes, combo, strict=True)
+         for key, value in zip(keys, row, strict=True)]
+        for combo in itertools.product(*(rows for _, rows in axes))
+    ]  # fmt: skip
 
 
 def new_sweep_id(name: str) -> str:

@@ -32,7 +32,15 @@ from slmkit.errors import SlmkitError
 from slmkit.plugins import PluginManager
 from slmkit.runs import RunRecord, list_runs
 from slmkit.signals import launcher
-from slmkit.sweep import SEEDS_KEY, grid, new_sweep_id, parse_sweeps, seed_axis, seed_values
+from slmkit.sweep import (
+    SEEDS_KEY,
+    axis_keys,
+    grid,
+    new_sweep_id,
+    parse_sweeps,
+    seed_axis,
+    seed_values,
+)
 
 
 @attrs.define
@@ -112,7 +120,7 @@ def plan_sweep(args: argparse.Namespace, manager: PluginManager, base: Experimen
         exp = load_experiment(args.experiment, manager, overrides)
         members.append(Member(index, combo, exp, overrides))
     runs_dir = Path(args.runs_dir or members[0].exp.experiment.runs_dir)
-    keys = [key for key, _ in axes]
+    keys = axis_keys(axes)
     if not args.resume_sweep:
         sweep_id = new_sweep_id(members[0].exp.experiment.name)
         return Sweep(sweep_id, args.experiment, keys, members, runs_dir)

@@ -35,7 +35,7 @@ from slmkit.progress import Console
 from slmkit.runlog import read_events
 from slmkit.runs import list_runs, read_run
 from slmkit.runs_table import format_value
-from slmkit.sweep import grid, split_values
+from slmkit.sweep import axis_keys, grid, parse_sweeps, split_values
 from slmkit.table import format_table
 
 SWEEP = ["--sweep", "model.n_layers=1,2", "--sweep", "optimizer.learning_rate=1e-3,3e-3"]
@@ -112,6 +112,15 @@ def test_sweep_values_are_checked_before_any_run(write_experiment, tmp_path: Pat
         ("model.n_layers", "--sweep: model.n_layers: expected KEY=V1,V2,..."),
         ("model.n_layers=", "expected KEY=V1,V2,..."),
         ("model.n_layers=1,,2", "expected KEY=V1,V2,..."),
+        (",model.d_ff=[1,2]", "expected KEY=V1,V2,..."),
+        (
+            "model.n_layers,model.d_ff=1,2",
+            "--sweep: model.n_layers,model.d_ff: 1: expected "
+            "[V1,V2,...] with one value for each of the 2 keys",
+        ),
+        ("model.n_layers,model.d_ff=[1,64],[2]", "[2]: expected [V1,V2,...]"),
+        ("model.n_layers,model.d_ff=[1,two]", "model.d_ff: expected an integer"),
+        ("model.n_layers,model.n_layers=[1,2]", "--sweep: model.n_layers: given twice"),
     ],
 )
 def test_malformed_sweeps_are_one_line_errors(write_experiment, tmp_path, sweep, message) -> None:
@@ -151,9 +160,54 @@ def test_split_values_keeps_commas_inside_lists_and_strings(values: list[Any]) -
 
 
 def test_grid_varies_the_first_sweep_slowest() -> None:
-    combos = grid([("a", ["1", "2"]), ("b", ["x", "y", "z"])])
+    combos = grid(parse_sweeps(["a=1,2", "b=x,y,z"]))
     assert combos[:4] == [["a=1", "b=x"], ["a=1", "b=y"], ["a=1", "b=z"], ["a=2", "b=x"]]
     assert len(combos) == 6
+
+
+def test_a_zipped_axis_sets_its_keys_together() -> None:
+    axes = parse_sweeps(["a,b=[1,'x,y'],[2,[3, 4]]", "c=5,6"])
+    assert grid(axes) == [
+        ["a=1", "b='x,y'", "c=5"], ["a=1", "b='x,y'", "c=6"],
+        ["a=2", "b=[3, 4]", "c=5"], ["a=2", "b=[3, 4]", "c=6"],
+    ]  # fmt: skip
+    assert axis_keys(axes) == ["a", "b", "c"]
+
+
+@given(
+    st.integers(2, 3).flatmap(
+        lambda k: st.lists(st.lists(TOML_VALUES, min_size=k, max_size=k), min_size=1, max_size=3)
+    )
+)
+def test_a_zipped_axis_gives_each_key_its_item(rows: list[list[Any]]) -> None:
+    import tomllib
+
+    def toml(value: Any) -> str:
+        return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+    keys = [f"k{i}" for i in range(len(rows[0]))]
+    raw = ",".join("[" + ", ".join(toml(v) for v in row) + "]" for row in rows)
+    combos = grid(parse_sweeps([f"{','.join(keys)}={raw}"]))
+    assert [[o.partition("=")[0] for o in combo] for combo in combos] == [keys] * len(rows)
+    parsed = [[tomllib.loads(f"v = {o.partition('=')[2]}")["v"] for o in c] for c in combos]
+    assert parsed == rows
+
+
+def test_a_zipped_sweep_runs_one_run_per_value_with_its_keys_together(
+    write_experiment, tmp_path: Path
+) -> None:
+    runs_dir = tmp_path / "runs"
+    code, out, err = run_main("run", str(write_experiment()), "--runs-dir", str(runs_dir),
+                              "--set", "training.max_steps=2", "--sweep",
+                              "model.n_layers,model.d_ff=[1,48],[2,96]")  # fmt: skip
+    assert code == 0, err
+    assert re.search(r"sweep sweep-\S+: 2 runs of", out)
+    models = sorted((read_run(p).experiment["model"] for p in folders(runs_dir)),
+                    key=lambda m: m["n_layers"])  # fmt: skip
+    assert [(m["n_layers"], m["d_ff"]) for m in models] == [(1, 48), (2, 96)]
+    table = out[out.index("RUN_ID") :].splitlines()
+    assert table[0].split()[-2:] == ["model.n_layers", "model.d_ff"]
+    assert [tuple(row.split()[-2:]) for row in table[1:3]] == [("1", "48"), ("2", "96")]
 
 
 # -- slmkit runs -------------------------------------------------------------------------

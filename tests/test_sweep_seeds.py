@@ -17,7 +17,7 @@ from slmkit.config.diff import changed_keys
 from slmkit.config.resolve import load_experiment
 from slmkit.plugins import PluginManager
 from slmkit.runs import list_runs, read_run
-from slmkit.sweep import grid, seed_axis, seed_values
+from slmkit.sweep import grid, parse_sweeps, seed_axis, seed_values
 
 
 def sweep_id_of(out: str) -> str:
@@ -34,7 +34,7 @@ def tree(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_seeds_are_the_last_axis_of_the_grid() -> None:
-    axes = seed_axis([("optimizer.learning_rate", ["1e-3", "2e-3"])], [7, 8, 9])
+    axes = seed_axis(parse_sweeps(["optimizer.learning_rate=1e-3,2e-3"]), [7, 8, 9])
     assert grid(axes) == [
         [f"optimizer.learning_rate={lr}", f"experiment.seed={seed}"]
         for lr in ("1e-3", "2e-3")
