@@ -29,6 +29,8 @@ def _manager() -> PluginManager:
 def cmd_run(args: argparse.Namespace) -> int:
     """Train an experiment (or resume a run), or every run of a sweep (:mod:`slmkit.sweep_run`)."""
     from slmkit.config.resolve import load_experiment
+    from slmkit.distributed import World
+    from slmkit.rundir import check_runs_folder
     from slmkit.sweep import member_tag
     from slmkit.sweep_plan import wants_sweep
     from slmkit.train import Trainer
@@ -41,6 +43,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.threads is not None:  # short for --set training.threads=N
         args.set = [*args.set, f"training.threads={args.threads}"]
     exp = load_experiment(args.experiment, manager, args.set)
+    if not args.resume and World.from_env().is_main:  # refused before anything is built
+        check_runs_folder(args.runs_dir, exp.experiment.runs_dir, args.experiment)
     if wants_sweep(args, exp):
         from slmkit.sweep_run import run_sweep
 
@@ -61,21 +65,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     device (sizes, no weights), with the optimizer, schedule and hooks: what a run would
     refuse, this refuses first.
     """
-    from pathlib import Path
-
     from slmkit.build import build_parts, resolve_device
     from slmkit.config.resolve import load_experiment
-    from slmkit.errors import ConfigError
     from slmkit.flops import apply_max_flops
-    from slmkit.rundir import runs_folder_problem
+    from slmkit.rundir import check_runs_folder
 
     manager = _manager()
     exp, budget = apply_max_flops(load_experiment(args.experiment, manager, args.set))
+    check_runs_folder(None, exp.experiment.runs_dir, args.experiment)  # first, as run does
     device = resolve_device(exp.training.device, args.experiment)
     parts = build_parts(exp, device, meta=True)
-    problem = runs_folder_problem(Path(exp.experiment.runs_dir))
-    if problem is not None:  # as the run would find when it makes its folder
-        raise ConfigError(args.experiment, "experiment.runs_dir", f"{problem}; runs cannot be kept")
     model, splits = parts.model, parts.data.splits
     print(f"# {args.experiment}: valid")
     print(f"# config_hash {exp.config_hash}")

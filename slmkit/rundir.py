@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from slmkit.errors import RunError
+from slmkit.errors import ConfigError, RunError
 from slmkit.floor import FLOOR_FILE, Floor
 
 #: a run's console output, kept when a sweep runs it as a child process
@@ -154,6 +154,20 @@ def runs_folder_problem(runs_dir: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is a folder this user may not write in"
     return None
+
+
+def check_runs_folder(option: str | None, runs_dir: str, source: str) -> None:
+    """Refuse, in one line naming where it was set, a runs folder that cannot hold runs.
+
+    ``option`` is ``--runs-dir`` when given (it wins), ``runs_dir`` the experiment's
+    ``experiment.runs_dir`` and ``source`` its file.
+    """
+    problem = runs_folder_problem(Path(option or runs_dir))
+    if problem is not None:
+        message = f"{problem}; runs cannot be kept"
+        if option:
+            raise ConfigError("--runs-dir", None, message)
+        raise ConfigError(source, "experiment.runs_dir", message)
 
 
 def is_run_folder(folder: Path) -> bool:

@@ -116,8 +116,13 @@ def test_validate_refuses_a_runs_folder_that_cannot_hold_runs(
     assert said.out == "" and said.err == (
         f"slmkit: error: {path}: experiment.runs_dir: taken is not a folder; runs cannot be kept\n"
     )
-    assert main(["run", str(path)]) != 0  # the run refuses it too, when it makes its folder
-    assert "cannot create the run folder taken/runs/" in capsys.readouterr().err
+    for options in ([], ["--sweep", "model.n_layers=1,2"]):  # a run refuses it before it builds
+        assert main(["run", str(path), *options]) == 2
+        assert capsys.readouterr().err == said.err
+    assert main(["run", str(write_experiment()), "--runs-dir", "taken/x"]) == 2
+    assert capsys.readouterr().err == (
+        "slmkit: error: --runs-dir: taken is not a folder; runs cannot be kept\n"
+    )
     assert (tmp_path / "taken").read_text() == "a file, not a folder"
     # a folder that does not exist yet is fine: the run makes it
     path = write_experiment({"experiment": {"runs_dir": "new/runs"}})
