@@ -34,6 +34,8 @@ class Kind:
     factory: type
     #: an array of tables (``[[forward_hooks]]``): any number of them, in order
     many: bool = False
+    #: with ``many``: each component enabled once at most (a run feeds a tracker once)
+    once_each: bool = False
 
 
 KINDS: tuple[Kind, ...] = (
@@ -54,5 +56,5 @@ KINDS: tuple[Kind, ...] = (
     Kind("probe", "register_probes", "probes", "name",
          schema.ProbeSection, components.ProbeFactory, many=True),
     Kind("tracker", "register_trackers", "trackers", "name",
-         schema.TrackerSection, tracking.TrackerFactory, many=True),
+         schema.TrackerSection, tracking.TrackerFactory, many=True, once_each=True),
 )  # fmt: skip

@@ -142,6 +142,25 @@ def test_a_bad_trackers_table_is_refused_naming_the_key(
         experiment_from_dict({"trackers": [table]}, manager, "x.toml")
 
 
+def test_a_tracker_enabled_twice_is_refused_naming_the_second(
+    write_experiment, manager: PluginManager, capsys
+) -> None:
+    # trackio holds one current run per process, and two TensorBoard writers would
+    # write every value twice: each tracker is fed once
+    off = {"name": "tensorboard", "enabled": False, "folder": "off"}
+    once = load_experiment(write_experiment({"trackers": [off, {"name": "tensorboard"}]}), manager)
+    assert [t.enabled for t in once.arrays["trackers"]] == [False, True]
+    twice = [{"name": "tensorboard"}, off, {"name": "tensorboard", "folder": "tb2"}]
+    path = write_experiment({"trackers": twice})
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"slmkit: error: {path}: trackers.2.name: tracker 'tensorboard' is enabled twice (also "
+        "trackers.0); each tracker may be enabled once\n"
+    )
+    # a checkpoint's saved experiment is not held to it: no old run is refused
+    assert len(experiment_from_dict({"trackers": twice}, manager, "x").arrays["trackers"]) == 3
+
+
 def test_validate_refuses_a_bad_tracker_in_one_line(write_experiment, capsys) -> None:
     path = write_experiment({"trackers": [{"name": "tensorboard", "flush_secs": -1}]})
     assert main(["validate", str(path)]) == 2

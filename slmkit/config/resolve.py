@@ -46,10 +46,18 @@ def tables() -> tuple[str, ...]:
 def load_experiment(
     path: str | Path, manager: PluginManager, overrides: Sequence[str] = ()
 ) -> Experiment:
-    """Read, override, validate and resolve an experiment file."""
+    """Read, override, validate and resolve an experiment file.
+
+    It may enable a tracker once (:attr:`Kind.once_each`); experiments saved in checkpoints
+    are not held to that, so that no checkpoint written before the rule is refused.
+    """
     path = Path(path)
     data = apply_overrides(read_toml(path), overrides)
-    return experiment_from_dict(data, manager, source=str(path))
+    exp = experiment_from_dict(data, manager, source=str(path))
+    for kind in kinds.KINDS:
+        if kind.once_each:
+            _refuse_repeats(kind, exp.arrays[kind.table], str(path))
+    return exp
 
 
 def experiment_from_dict(
@@ -134,3 +142,16 @@ def _resolve(
     )
     section = structure({k: v for k, v in table.items() if k in kernel_keys}, cls, source, prefix)
     return attrs.evolve(section, options=options, component=component)
+
+
+def _refuse_repeats(kind: Kind, sections: Sequence[Any], source: str) -> None:
+    """One line naming the second enabled entry of a component enabled twice."""
+    first: dict[str, int] = {}
+    for i, section in enumerate(sections):
+        name = getattr(section, kind.name_key)
+        if section.enabled and first.setdefault(name, i) != i:
+            raise ConfigError(
+                source, f"{kind.table}.{i}.{kind.name_key}",
+                f"{kind.name} {name!r} is enabled twice (also {kind.table}.{first[name]}); "
+                f"each {kind.name} may be enabled once",
+            )  # fmt: skip
