@@ -162,10 +162,10 @@ def check_runs_folder(option: str | None, runs_dir: str, source: str) -> None:
     ``option`` is ``--runs-dir`` when given (it wins), ``runs_dir`` the experiment's
     ``experiment.runs_dir`` and ``source`` its file.
     """
-    problem = runs_folder_problem(Path(option or runs_dir))
+    problem = runs_folder_problem(Path(runs_dir if option is None else option))
     if problem is not None:
         message = f"{problem}; runs cannot be kept"
-        if option:
+        if option is not None:
             raise ConfigError("--runs-dir", None, message)
         raise ConfigError(source, "experiment.runs_dir", message)
 

@@ -119,7 +119,7 @@ def plan_sweep(args: argparse.Namespace, manager: PluginManager, base: Experimen
         overrides = [*args.set, *combo, *clear]
         exp = load_experiment(args.experiment, manager, overrides)
         members.append(Member(index, combo, exp, overrides))
-    runs_dir = Path(args.runs_dir or members[0].exp.experiment.runs_dir)
+    runs_dir = Path(members[0].exp.experiment.runs_dir if args.runs_dir is None else args.runs_dir)
     keys = axis_keys(axes)
     if not args.resume_sweep:
         sweep_id = new_sweep_id(members[0].exp.experiment.name)
