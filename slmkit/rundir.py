@@ -141,33 +141,32 @@ def create_run_dir(runs_dir: Path, name: str) -> tuple[str, Path]:
     raise RunError(f"cannot find a free run folder name in {runs_dir}")
 
 
-def runs_folder_problem(runs_dir: Path) -> str | None:
-    """Why no run folder can be made in ``runs_dir`` (None: one can); nothing is made.
-
-    The nearest part of the path that exists must be a folder this process may write in.
-    """
-    existing = runs_dir
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is a folder this user may not write in"
-    return None
+def runs_folder(option: str | Path | None, runs_dir: str) -> Path:
+    """Where run folders go: ``--runs-dir`` when given (``""`` is the current folder), else
+    the experiment's ``experiment.runs_dir``."""
+    return Path(runs_dir if option is None else option)
 
 
 def check_runs_folder(option: str | None, runs_dir: str, source: str) -> None:
-    """Refuse, in one line naming where it was set, a runs folder that cannot hold runs.
+    """Refuse, in one line naming where it was set, a runs folder that cannot hold runs:
+    the nearest part of its path that exists must be a folder this process may write in.
 
     ``option`` is ``--runs-dir`` when given (it wins), ``runs_dir`` the experiment's
-    ``experiment.runs_dir`` and ``source`` its file.
+    ``experiment.runs_dir`` and ``source`` its file. Nothing is made.
     """
-    problem = runs_folder_problem(Path(runs_dir if option is None else option))
-    if problem is not None:
-        message = f"{problem}; runs cannot be kept"
-        if option is not None:
-            raise ConfigError("--runs-dir", None, message)
-        raise ConfigError(source, "experiment.runs_dir", message)
+    existing = runs_folder(option, runs_dir)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is a folder this user may not write in"
+    else:
+        return
+    message = f"{problem}; runs cannot be kept"
+    if option is not None:
+        raise ConfigError("--runs-dir", None, message)
+    raise ConfigError(source, "experiment.runs_dir", message)
 
 
 def is_run_folder(folder: Path) -> bool:

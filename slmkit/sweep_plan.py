@@ -30,6 +30,7 @@ from slmkit.config.schema import Experiment
 from slmkit.distributed import World
 from slmkit.errors import SlmkitError
 from slmkit.plugins import PluginManager
+from slmkit.rundir import runs_folder
 from slmkit.runs import RunRecord, list_runs
 from slmkit.signals import launcher
 from slmkit.sweep import (
@@ -119,7 +120,7 @@ def plan_sweep(args: argparse.Namespace, manager: PluginManager, base: Experimen
         overrides = [*args.set, *combo, *clear]
         exp = load_experiment(args.experiment, manager, overrides)
         members.append(Member(index, combo, exp, overrides))
-    runs_dir = Path(members[0].exp.experiment.runs_dir if args.runs_dir is None else args.runs_dir)
+    runs_dir = runs_folder(args.runs_dir, members[0].exp.experiment.runs_dir)
     keys = axis_keys(axes)
     if not args.resume_sweep:
         sweep_id = new_sweep_id(members[0].exp.experiment.name)
@@ -199,7 +200,7 @@ def resume_sweep_command(args: argparse.Namespace, sweep_id: str) -> str:
         *(a for value in args.set for a in ("--set", value)),
         *(a for value in args.sweep for a in ("--sweep", value)),
         *(["--seeds", str(args.seeds)] if args.seeds is not None else []),
-        *(["--runs-dir", args.runs_dir] if args.runs_dir else []),
+        *(["--runs-dir", args.runs_dir] if args.runs_dir is not None else []),
         *(["--init-from", args.init_from] if args.init_from else []),
         *(["--jobs", str(args.jobs)] if args.jobs != 1 else []),
     ]

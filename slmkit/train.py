@@ -31,7 +31,7 @@ from slmkit.flops import apply_max_flops
 from slmkit.plugins import PluginManager, RunEvents
 from slmkit.progress import Console, StepMeter, eval_line
 from slmkit.run import Run
-from slmkit.rundir import create_run_dir, write_run_files
+from slmkit.rundir import create_run_dir, runs_folder, write_run_files
 from slmkit.runlog import NullLog, RunLog, environment, git_state
 from slmkit.signals import StopSignals
 from slmkit.state import TrainState, load_init, load_resume, tokenizer_record
@@ -68,7 +68,7 @@ class Trainer:
         # training.max_flops decides max_steps before anything reads it (slmkit/flops.py)
         self.exp, self.budget = apply_max_flops(exp, self.world.world_size)
         self.console = (console or Console()) if self.world.is_main else Console(quiet=True)
-        self.runs_dir = Path(runs_dir if runs_dir is not None else exp.experiment.runs_dir)
+        self.runs_dir = runs_folder(runs_dir, exp.experiment.runs_dir)
         self.device = self.world.place(resolve_device(exp.training.device, source), source)
         self.world.join(self.device)
         self.threads_before = use_threads(exp.training.threads)  # before anything computes

@@ -301,3 +301,12 @@ def test_ctrl_c_stops_the_whole_sweep_and_prints_how_to_resume_it(
     assert records[0].run_dir == stopped.run_dir
     alone = train(path, tmp_path / "alone", manager, ["experiment.seed=7", "training.threads=1"])
     assert losses(stopped.run_dir) == losses(alone)
+
+
+def test_the_resume_hint_keeps_an_empty_runs_dir() -> None:
+    # --runs-dir '' is the current folder, for a sweep as for a run: the hint must say so
+    from slmkit.arguments import build_parser
+    from slmkit.sweep_plan import resume_sweep_command
+
+    args = build_parser().parse_args(["run", "x.toml", "--seeds", "2", "--runs-dir", ""])
+    assert "--runs-dir '' --resume-sweep sweep-1" in resume_sweep_command(args, "sweep-1")
