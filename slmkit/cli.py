@@ -210,19 +210,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from slmkit.compare import comparison_text, summary_for_json
     from slmkit.compare_report import write_outputs
-    from slmkit.runs import list_runs, read_run, resolve_run
+    from slmkit.runs import gather_runs
     from slmkit.seed_stats import analyse
 
-    records = [read_run(resolve_run(name, args.runs_dir)) for name in args.runs]
-    for sweep in args.sweep:
-        swept = list_runs(args.runs_dir, sweep=sweep)
-        if not swept:
-            raise SlmkitError(f"--sweep {sweep}: no runs of that sweep in {args.runs_dir}")
-        records += sorted(swept, key=lambda r: (r.sweep or {}).get("index", 0))
-    # a run named twice (or in two sweeps) counts once
-    records = list({r.run_dir.resolve(): r for r in records}.values())
-    if not records:
-        raise SlmkitError("compare: name at least one run (a run folder or id), or --sweep ID")
+    nothing = "compare: name at least one run (a run folder or id), or --sweep ID"
+    records = gather_runs(args.runs, args.sweep, args.runs_dir, nothing)
     analysis = analyse(records, args.baseline)  # refusals come before anything is written
     written = write_outputs(
         records,

@@ -332,6 +332,22 @@ def resolve_run(name: str, runs_dir: str | Path) -> Path:
     raise SlmkitError(f"{name}: no such run (neither a run folder nor a run id in {runs_dir})")
 
 
+def gather_runs(
+    names: Sequence[str], sweeps: Sequence[str], runs_dir: str, nothing: str
+) -> list[RunRecord]:
+    """The named runs, then every run of each sweep (in sweep order), a run named twice
+    once; ``nothing`` is the error when that makes none."""
+    records = [read_run(resolve_run(name, runs_dir)) for name in names]
+    for sweep in sweeps:
+        swept = list_runs(runs_dir, sweep=sweep)
+        if not swept:
+            raise SlmkitError(f"--sweep {sweep}: no runs of that sweep in {runs_dir}")
+        records += sorted(swept, key=lambda r: (r.sweep or {}).get("index", 0))
+    if not records:
+        raise SlmkitError(nothing)
+    return list({r.run_dir.resolve(): r for r in records}.values())
+
+
 # -- formatting --------------------------------------------------------------------------
 
 

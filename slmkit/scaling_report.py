@@ -21,9 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from slmkit.errors import SlmkitError
 from slmkit.report_files import STYLE, check_output, html_table, write_output
-from slmkit.runs import RunRecord, list_runs, read_run, resolve_run
+from slmkit.runs import gather_runs, read_run, resolve_run
 from slmkit.scaling import HUBER_DELTA, LEVEL, Estimate
 from slmkit.scaling_plot import study_png
 from slmkit.scaling_runs import Study, fit_runs, left_out_text
@@ -142,26 +141,13 @@ def report_html(study: Study, png: bytes, sources: Sequence[Path]) -> str:
 # -- the command -----------------------------------------------------------------------------
 
 
-def gather(names: Sequence[str], sweep: str | None, runs_dir: str) -> list[RunRecord]:
-    """The named runs, then every run of ``sweep`` (in sweep order); at least one."""
-    records = [read_run(resolve_run(name, runs_dir)) for name in names]
-    if sweep:
-        swept = list_runs(runs_dir, sweep=sweep)
-        if not swept:
-            raise SlmkitError(f"--sweep {sweep}: no runs of that sweep in {runs_dir}")
-        records += sorted(swept, key=lambda r: (r.sweep or {}).get("index", 0))
-    if not records:
-        raise SlmkitError("scaling: name the runs (folders or ids), or --sweep ID")
-    unique = {r.run_dir.resolve(): r for r in records}  # a run named twice is one point
-    return list(unique.values())
-
-
 def scaling_command(args: argparse.Namespace) -> int:
     """``slmkit scaling``: fit, print, and write the picture and report asked for."""
     outputs = [Path(p) for p in (args.out, args.png) if p]
     for path in outputs:
         check_output(path)
-    records = gather(args.runs, args.sweep, args.runs_dir)
+    records = gather_runs(args.runs, [args.sweep] if args.sweep else [], args.runs_dir,
+                          "scaling: name the runs (folders or ids), or --sweep ID")  # fmt: skip
     held = read_run(resolve_run(args.leave_out, args.runs_dir)) if args.leave_out else None
     study = fit_runs(records, leave_out=held, budget=args.budget, resamples=args.resamples,
                      seed=args.seed)  # fmt: skip
