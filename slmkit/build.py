@@ -36,21 +36,21 @@ from slmkit.probes import Probes, build_probes
 from slmkit.trackers import Trackers
 
 
-def construct(exp: Experiment, section: Any, table: str, *args: Any) -> Any:
+def construct(source: str, section: Any, table: str, *args: Any) -> Any:
     """Call the factory of ``section``'s component with its options and ``args``.
 
-    An :class:`OptionValueError` it raises names the file and ``table.<key>``.
+    An :class:`OptionValueError` it raises names ``source`` (the file) and ``table.<key>``.
     """
     assert section.component is not None, "build only resolved experiments"
     try:
         return section.component.factory(section.options, *args)
     except OptionValueError as exc:
-        raise ConfigError(exp.source, f"{table}.{exc.key}", exc.message) from None
+        raise ConfigError(source, f"{table}.{exc.key}", exc.message) from None
 
 
 def build_tokenizer(exp: Experiment) -> Tokenizer:
     """A fresh (untrained) tokenizer."""
-    tokenizer: Tokenizer = construct(exp, exp.tokenizer, "tokenizer")
+    tokenizer: Tokenizer = construct(exp.source, exp.tokenizer, "tokenizer")
     return tokenizer
 
 
@@ -74,7 +74,7 @@ def build_model(exp: Experiment, tokenizer: Tokenizer) -> LanguageModel:
     assert exp.model.component is not None
     model = LanguageModel(
         dims,
-        lambda layer: construct(exp, exp.model, "model", dims, layer),
+        lambda layer: construct(exp.source, exp.model, "model", dims, layer),
         pad_id=tokenizer.pad_id,
         learned_positions=getattr(exp.model.component.factory, "learned_positions", True),
         final_norm=exp.model.final_norm,
@@ -88,13 +88,13 @@ def build_model(exp: Experiment, tokenizer: Tokenizer) -> LanguageModel:
 def build_optimizer(exp: Experiment, model: LanguageModel) -> torch.optim.Optimizer:
     """The optimizer over the model's decay / no-decay groups."""
     groups = model.param_groups(exp.optimizer.learning_rate)
-    optimizer: torch.optim.Optimizer = construct(exp, exp.optimizer, "optimizer", groups)
+    optimizer: torch.optim.Optimizer = construct(exp.source, exp.optimizer, "optimizer", groups)
     return optimizer
 
 
 def build_schedule(exp: Experiment) -> Schedule:
     """The learning-rate schedule for ``training.max_steps`` steps."""
-    schedule: Schedule = construct(exp, exp.schedule, "schedule", exp.training.max_steps)
+    schedule: Schedule = construct(exp.source, exp.schedule, "schedule", exp.training.max_steps)
     return schedule
 
 
@@ -142,7 +142,7 @@ def read_experiment_corpus(exp: Experiment) -> str:
 def experiment_corpus(exp: Experiment) -> tuple[Corpus, str]:
     """The corpus component and its text; problems name the file and the data key."""
     try:
-        corpus = construct(exp, exp.data, "data")
+        corpus = construct(exp.source, exp.data, "data")
         return corpus, read_corpus(corpus)
     except OptionValueError as exc:  # raised while reading, by texts()
         raise ConfigError(exp.source, f"data.{exc.key}", exc.message) from None
@@ -236,7 +236,7 @@ def _enabled(exp: Experiment, kind: str, table: str) -> Iterator[tuple[int, Any,
         if not section.enabled:
             continue  # left out entirely: nothing is built or attached
         assert section.component is not None
-        hook = construct(exp, section, f"{table}.{i}")
+        hook = construct(exp.source, section, f"{table}.{i}")
         every = getattr(section, "every", 1)
         yield i, section, EnabledHook(kind, section.name, section.component.plugin, hook, every)
 

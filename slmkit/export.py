@@ -15,12 +15,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from slmkit.build import construct
 from slmkit.config.resolve import resolve_table
 from slmkit.errors import ConfigError, SlmkitError
 from slmkit.hooks import EnabledHook
-from slmkit.options import OptionValueError
 from slmkit.plugins import PluginManager
-from slmkit.runfiles import read_experiment
 from slmkit.runs import read_run, resolve_run
 from slmkit.trackers import TrackerFailed, Trackers
 
@@ -51,23 +50,19 @@ def tracker_for(run_dir: Path, name: str, manager: PluginManager) -> EnabledHook
             f"{run_dir}: {record.status} ({record.status_detail}); export a run that has "
             "stopped, whose files are whole"
         )
-    source = str(run_dir / "experiment.toml")
-    experiment = read_experiment(run_dir / "experiment.toml", [])
-    plugins: dict[str, Any] = experiment.get("plugins", {})
+    plugins: dict[str, Any] = record.experiment.get("plugins", {})
     participants = manager.participants(plugins.get("enable", []), plugins.get("disable", []))
-    tables = experiment.get("trackers", [])
+    tables = record.experiment.get("trackers", [])
     index = next((i for i, t in enumerate(tables) if t.get("name") == name), None)
     if index is None:  # not a tracker of the run: its defaults, the name as --to gave it
-        try:
-            section = resolve_table("tracker", {"name": name}, manager, participants, "--to", "")
-        except ConfigError as exc:
-            raise SlmkitError(f"--to: {exc.message}") from None
+        table, source, prefix = {"name": name}, "--to", name
     else:
-        prefix = f"trackers.{index}"
-        section = resolve_table("tracker", tables[index], manager, participants, source, prefix)
+        table, source, prefix = tables[index], str(run_dir / "experiment.toml"), f"trackers.{index}"
     try:
-        tracker = section.component.factory(section.options)
-    except OptionValueError as exc:  # a bad combination of options
-        where = f"{source}: trackers.{index}" if index is not None else f"--to {name}"
-        raise SlmkitError(f"{where}.{exc.key}: {exc.message}") from None
+        section = resolve_table("tracker", table, manager, participants, source, prefix)
+    except ConfigError as exc:
+        if index is not None:
+            raise
+        raise SlmkitError(f"--to: {exc.message}") from None
+    tracker = construct(source, section, prefix)
     return EnabledHook("tracker", name, section.component.plugin, tracker)

@@ -48,9 +48,9 @@ class TrackerFailed(SlmkitError):
     """A tracker failed while exporting a run."""
 
 
-def tracked_run(run_dir: Path, events: Sequence[dict[str, Any]]) -> TrackedRun:
-    """The run a folder holds, as trackers see it: its latest ``run_start`` and experiment."""
-    start: dict[str, Any] = next((e for e in reversed(events) if e.get("event") == "run_start"), {})
+def tracked_run(run_dir: Path, start: dict[str, Any]) -> TrackedRun:
+    """The run a folder holds, as trackers see it: from its latest ``run_start`` (``{}``:
+    none) and its experiment."""
     experiment = read_experiment(run_dir / "experiment.toml", [])
     sweep = start.get("sweep")
     return TrackedRun(
@@ -95,7 +95,6 @@ class Trackers:
 
     def replay(self, run_dir: Path) -> None:
         """Feed a finished run's kept events from its ``log.jsonl``, then close."""
-        self.opened = True
         self._open(run_dir, kept_events(read_events(run_dir / "log.jsonl")))
         self.close()
 
@@ -106,11 +105,11 @@ class Trackers:
         self.entries = []
 
     def _open(self, run_dir: Path, events: Sequence[dict[str, Any]]) -> None:
-        run = tracked_run(run_dir, events)
-        resumed = next(
-            (e.get("resumed_from_step") for e in reversed(events) if e.get("event") == "run_start"),
-            None,
+        start: dict[str, Any] = next(
+            (e for e in reversed(events) if e.get("event") == "run_start"), {}
         )
+        run = tracked_run(run_dir, start)
+        resumed = start.get("resumed_from_step")
         self.step = resumed if isinstance(resumed, int) else 0
         for entry in list(self.entries):
             where = self._guarded(entry, functools.partial(entry.hook.open, run))
