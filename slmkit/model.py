@@ -227,6 +227,10 @@ class LanguageModel(nn.Module):
             out[:, n : n + 1] = draw(logits[:, -1, :])
         return out
 
+    def decode_step(self) -> DecodeStep:
+        """The fast decode step of this model (its blocks' decoders), for one generation."""
+        return DecodeStep(self.tok_emb, self.pos_emb, self.blocks, self.ln_f, self.head)
+
     def _sample(
         self, prompt: torch.Tensor, max_new_tokens: int, draw: Draw, fast: bool
     ) -> torch.Tensor:
@@ -239,7 +243,7 @@ class LanguageModel(nn.Module):
         caches = [KVCache(context) for _ in self.blocks]
         step = None
         if fast and fast_path_refusal(self.blocks, list(self.hook_points.values())) is None:
-            step = DecodeStep(self.tok_emb, self.pos_emb, self.blocks, self.ln_f, self.head)
+            step = self.decode_step()
         pending = out[:, max(0, n_prompt - context) : n_prompt]  # what the cache lacks
         for n in range(n_prompt, out.shape[1]):
             length = caches[0].length

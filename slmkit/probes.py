@@ -244,12 +244,12 @@ def _fixed_batch(
     setup = ProbeSetup(model.dims, tokenizer, generator, val_tokens)
     try:
         with rng_kept():  # a probe drawing from the global RNG would shift the run
-            tokens = entry.hook.inputs(setup)
-    except OptionValueError as exc:
-        raise ConfigError(exp.source, f"{where}.{exc.key}", exc.message) from None
-    except (Exception, SystemExit) as exc:
-        failure = HookFailure(f"{entry.label}.inputs", entry.plugin, exc)
-        raise ConfigError(exp.source, where, str(failure)) from exc
+            tokens = entry.call("inputs", setup)
+    except HookFailure as failure:
+        cause = failure.cause
+        if isinstance(cause, OptionValueError):
+            raise ConfigError(exp.source, f"{where}.{cause.key}", cause.message) from None
+        raise ConfigError(exp.source, where, str(failure)) from cause
     dims = model.dims
     if not _fits(tokens, dims.context_length + 1, dims.vocab_size):
         got = (

@@ -30,7 +30,6 @@ import torch
 from slmkit.build import build_model
 from slmkit.components import KVCache, Tokenizer
 from slmkit.config.resolve import experiment_from_dict
-from slmkit.decode import DecodeStep
 from slmkit.errors import PluginError
 from slmkit.model import LanguageModel
 from slmkit.plugins import LOAD_PLUGINS_ENV, PluginManager
@@ -382,7 +381,7 @@ def check_decode(model: LanguageModel, *, batch: int = 2, seed: int = 0) -> None
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.dims.vocab_size, (batch, context), generator=generator)
     tokens = tokens.to(next(model.parameters()).device)
-    step = DecodeStep(model.tok_emb, model.pos_emb, model.blocks, model.ln_f, model.head)
+    step = model.decode_step()
     plain, fast = ([KVCache(context) for _ in model.blocks] for _ in range(2))
     was_training = model.training
     try:

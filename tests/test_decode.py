@@ -54,7 +54,7 @@ def sample(
 def test_decode_step_gives_the_logits_of_forward_bit_for_bit(attention: str, bias: bool) -> None:
     model = make_model(attention, seed=1, bias=bias).eval()
     idx = tokens(2, CTX, seed=2)
-    step = DecodeStep(model.tok_emb, model.pos_emb, model.blocks, model.ln_f, model.head)
+    step = model.decode_step()
     with torch.inference_mode():
         plain = [KVCache(CTX) for _ in model.blocks]
         fast = [KVCache(CTX) for _ in model.blocks]
