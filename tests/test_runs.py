@@ -150,12 +150,20 @@ TOML_VALUES = st.one_of(
 )
 
 
+def toml(value: Any) -> str:
+    """``value`` in TOML syntax, as a user types it after ``KEY=``."""
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+
+def parse_toml(text: str) -> Any:
+    """The value of TOML text ``text``."""
+    return tomllib.loads(f"v = {text}")["v"]
+
+
 @given(st.lists(TOML_VALUES, min_size=1, max_size=4))
 def test_split_values_keeps_commas_inside_lists_and_strings(values: list[Any]) -> None:
-    import tomllib
-
-    raw = ",".join(tomli_w.dumps({"v": v}).partition("=")[2].strip() for v in values)
-    parsed = [tomllib.loads(f"v = {piece}")["v"] for piece in split_values(raw)]
+    raw = ",".join(toml(v) for v in values)
+    parsed = [parse_toml(piece) for piece in split_values(raw)]
     assert parsed == values
 
 
@@ -180,16 +188,11 @@ def test_a_zipped_axis_sets_its_keys_together() -> None:
     )
 )
 def test_a_zipped_axis_gives_each_key_its_item(rows: list[list[Any]]) -> None:
-    import tomllib
-
-    def toml(value: Any) -> str:
-        return tomli_w.dumps({"v": value}).partition("=")[2].strip()
-
     keys = [f"k{i}" for i in range(len(rows[0]))]
     raw = ",".join("[" + ", ".join(toml(v) for v in row) + "]" for row in rows)
     combos = grid(parse_sweeps([f"{','.join(keys)}={raw}"]))
     assert [[o.partition("=")[0] for o in combo] for combo in combos] == [keys] * len(rows)
-    parsed = [[tomllib.loads(f"v = {o.partition('=')[2]}")["v"] for o in c] for c in combos]
+    parsed = [[parse_toml(o.partition("=")[2]) for o in combo] for combo in combos]
     assert parsed == rows
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_same_parameters, events, losses, merge, train
+from conftest import assert_same_parameters, events, losses, merge, run_main, train
 from scipy import stats
-from test_sweep_seeds import run_main, sweep_id_of
+from test_sweep_seeds import sweep_id_of
 
 from slmkit import sweep_board
 from slmkit.config.resolve import load_experiment

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import time
 import tomllib
@@ -11,19 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import events
+from conftest import events, run_main
 
 from slmkit import threads as threads_module
-from slmkit.cli import main
 from slmkit.progress import Console
 from slmkit.threads import ThreadCheck
-
-
-def run_main(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_threads_option_sets_logs_and_restores_them(write_experiment, tmp_path) -> None:

@@ -27,6 +27,8 @@ from slmkit.runlog import read_events
 from slmkit.train import Trainer
 from slmkit.trained import load_trained
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 #: short runs: no evaluation, sample or checkpoint before the last step
 QUICK: dict[str, Any] = {
     "training": {"max_steps": 4, "eval_every": 0, "checkpoint_every": 0, "log_every": 1},
@@ -68,15 +70,6 @@ def steps(run_dir: Path) -> list[tuple[int, float, float]]:
 
 def losses(run_dir: Path) -> list[float]:
     return [loss for _, loss, _ in steps(run_dir)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models run many times faster so on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # -- gradient accumulation ---------------------------------------------------------------
