@@ -52,9 +52,9 @@ KINDS: tuple[Kind, ...] = (
     Kind("forward_hook", "register_forward_hooks", "forward_hooks", "name",
          schema.ForwardHookSection, components.ForwardHookFactory, many=True),
     Kind("update_hook", "register_update_hooks", "update_hooks", "name",
-         schema.UpdateHookSection, components.UpdateHookFactory, many=True),
+         schema.NamedSection, components.UpdateHookFactory, many=True),
     Kind("probe", "register_probes", "probes", "name",
          schema.ProbeSection, components.ProbeFactory, many=True),
     Kind("tracker", "register_trackers", "trackers", "name",
-         schema.TrackerSection, tracking.TrackerFactory, many=True, once_each=True),
+         schema.NamedSection, tracking.TrackerFactory, many=True, once_each=True),
 )  # fmt: skip

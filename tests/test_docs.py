@@ -32,8 +32,7 @@ def test_every_experiment_key_is_in_the_reference() -> None:
         experiment.ExperimentSection, experiment.PluginsSection, experiment.DataSection,
         experiment.TokenizerSection, experiment.ModelSection, experiment.OptimizerSection,
         experiment.ScheduleSection, experiment.TrainingSection, experiment.SamplingSection,
-        experiment.ForwardHookSection, experiment.UpdateHookSection, experiment.ProbeSection,
-        experiment.TrackerSection,
+        experiment.ForwardHookSection, experiment.NamedSection, experiment.ProbeSection,
     ):  # fmt: skip
         for field in attrs.fields(cls):
             if field.name not in ("options", "component"):

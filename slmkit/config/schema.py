@@ -193,8 +193,10 @@ class ForwardHookSection:
 
 
 @attrs.define(frozen=True)
-class UpdateHookSection:
-    """One ``[[update_hooks]]`` table: the gradient transform and its options."""
+class NamedSection:
+    """One table of an array that names its component and gives its options, nothing
+    more: an ``[[update_hooks]]`` table (a gradient transform) or a ``[[trackers]]`` table
+    (an experiment tracker)."""
 
     name: str
     enabled: bool = True
@@ -213,17 +215,6 @@ class ProbeSection:
     every: int = attrs.field(default=1, validator=positive)
     #: seeds the probe's own generator, which draws its fixed inputs once
     seed: int = attrs.field(default=0, validator=[non_negative, _below_seed_limit])
-    options: Any = None
-    #: the registered component the name resolved to (filled in by resolution)
-    component: Component | None = attrs.field(default=None, eq=False, repr=False)
-
-
-@attrs.define(frozen=True)
-class TrackerSection:
-    """One ``[[trackers]]`` table: the experiment tracker a run streams to, its options."""
-
-    name: str
-    enabled: bool = True
     options: Any = None
     #: the registered component the name resolved to (filled in by resolution)
     component: Component | None = attrs.field(default=None, eq=False, repr=False)
@@ -269,7 +260,7 @@ class Experiment:
         return self.arrays.get("forward_hooks", ())
 
     @property
-    def update_hooks(self) -> tuple[UpdateHookSection, ...]:
+    def update_hooks(self) -> tuple[NamedSection, ...]:
         """The ``[[update_hooks]]`` tables, in order."""
         return self.arrays.get("update_hooks", ())
 
