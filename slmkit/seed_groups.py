@@ -15,16 +15,18 @@ from typing import Any
 
 import attrs
 
-from slmkit.config.diff import changed_keys, flatten
+from slmkit.config.diff import changed_keys, flatten, named_in
 from slmkit.config.reading import parse_override
 from slmkit.errors import ConfigError, SlmkitError
 from slmkit.runs import MISSING, RunRecord, lookup
 from slmkit.runs_table import format_value
 
-#: keys that do not make runs different experiments: the seed (what a group varies), what
-#: only names a run or where it went, and the CPU threads (which change only the last
-#: digits; see reliability.md, and config_hash leaves them out too)
-LABEL_KEYS = ("experiment.seed", "experiment.name", "experiment.runs_dir", "training.threads")
+#: keys (and tables) that do not make runs different experiments: the seed (what a group
+#: varies), what only names a run or where it went, the CPU threads (which change only the
+#: last digits; see reliability.md) and the trackers (they only watch); config_hash leaves
+#: the last two out too
+LABEL_KEYS = ("experiment.seed", "experiment.name", "experiment.runs_dir", "training.threads",
+              "trackers")  # fmt: skip
 
 #: the label of the one group when all the runs differ only in their seeds
 ALL_RUNS = "all runs"
@@ -71,7 +73,7 @@ def left_out(records: Sequence[RunRecord]) -> tuple[list[RunRecord], list[tuple[
 
 def _defining(record: RunRecord) -> str:
     """The run's experiment without :data:`LABEL_KEYS`, as one comparable string."""
-    flat = {k: v for k, v in flatten(record.experiment).items() if k not in LABEL_KEYS}
+    flat = {k: v for k, v in flatten(record.experiment).items() if not named_in(k, LABEL_KEYS)}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
@@ -89,7 +91,7 @@ def group_runs(records: Sequence[RunRecord]) -> list[Group]:
     keys: set[str] = set()
     for other in members[1:]:
         keys.update(changed_keys(members[0][0].experiment, other[0].experiment))
-    ordered = sorted(keys.difference(LABEL_KEYS))
+    ordered = sorted(k for k in keys if not named_in(k, LABEL_KEYS))
     groups = [Group({key: lookup(runs[0].experiment, key) for key in ordered}, runs)
               for runs in members]  # fmt: skip
     shared = [k for k in ordered if all(g.values[k] is not MISSING for g in groups)]

@@ -320,19 +320,12 @@ def test_compare_takes_several_sweeps_and_names_one_it_cannot_find(seed_sweep) -
     assert err == f"slmkit: error: --sweep nope: no runs of that sweep in {runs_dir}\n"
 
 
-def drop_key(run_dir: Path, table: str, key: str) -> None:
-    path = run_dir / "experiment.toml"
-    experiment = tomllib.loads(path.read_text(encoding="utf-8"))
-    del experiment[table][key]
-    path.write_text(tomli_w.dumps(experiment), encoding="utf-8")
-
-
 def test_a_run_written_before_a_kernel_key_existed_groups_with_runs_of_today(
     seed_sweep, tmp_path: Path
 ) -> None:
     runs = copies(seed_sweep, tmp_path / "old")
-    drop_key(runs[0], "model", "final_norm")  # as a run folder of before the key
-    drop_key(runs[1], "training", "precision")  # absent: the fp32 it was added with
+    edit_experiment(runs[0], "model", "final_norm", DROP)  # as a run folder of before the key
+    edit_experiment(runs[1], "training", "precision", DROP)  # absent: the fp32 it was added with
     edit_experiment(runs[2], "training", "precision", "fp32")
     assert read_run(runs[0]).config_hash == read_run(seed_sweep["runs"][0]).config_hash
     result = compare_json(*map(str, runs))
@@ -343,13 +336,24 @@ def test_a_run_written_before_a_kernel_key_existed_groups_with_runs_of_today(
     assert code == 0 and "(absent)" not in out and "model.final_norm" not in out
 
 
+def test_runs_apart_only_in_their_trackers_are_one_group(seed_sweep, tmp_path: Path) -> None:
+    # trackers only watch a run (config_hash leaves them out): they make no other experiment
+    runs = copies(seed_sweep, tmp_path / "tracked")
+    edit_experiment(runs[0], "", "trackers", [{"name": "tensorboard", "enabled": True}])
+    assert read_run(runs[0]).config_hash == read_run(seed_sweep["runs"][0]).config_hash
+    result = compare_json(*map(str, runs))
+    assert [(g["label"], len(g["runs"])) for g in result["groups"]] == [
+        ("optimizer.learning_rate=0.001", 3), ("optimizer.learning_rate=0.003", 3),
+    ]  # fmt: skip
+
+
 def test_group_labels_leave_out_another_components_options_while_they_stay_apart(
     seed_sweep, tmp_path: Path
 ) -> None:
     runs = copies(seed_sweep, tmp_path / "opt")
     for run in runs[3:]:  # the second learning rate's runs as another optimizer's
         edit_experiment(run, "optimizer", "name", "other")
-        drop_key(run, "optimizer", "betas")
+        edit_experiment(run, "optimizer", "betas", DROP)
         edit_experiment(run, "optimizer", "momentum", 0.9)
     labels = [g["label"] for g in compare_json(*map(str, runs))["groups"]]
     assert labels == [
@@ -375,10 +379,20 @@ def copies(seed_sweep, root: Path) -> list[Path]:
     return [Path(shutil.copytree(p, root / p.name)) for p in seed_sweep["runs"]]
 
 
+#: the value :func:`edit_experiment` takes to remove a key
+DROP: Any = object()
+
+
 def edit_experiment(run_dir: Path, table: str, key: str, value: Any) -> None:
+    """Set ``table.key`` of the run's ``experiment.toml`` (a top-level key when ``table`` is
+    empty) to ``value``, or remove it (:data:`DROP`)."""
     path = run_dir / "experiment.toml"
     experiment = tomllib.loads(path.read_text(encoding="utf-8"))
-    experiment[table][key] = value
+    node = experiment[table] if table else experiment
+    if value is DROP:
+        del node[key]
+    else:
+        node[key] = value
     path.write_text(tomli_w.dumps(experiment), encoding="utf-8")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: keys that do not change which experiment a run is, so ``config_hash`` leaves them out and
@@ -18,9 +18,14 @@ from typing import Any
 NOT_HASHED = ("training.max_steps", "training.max_flops", "training.threads", "trackers")
 
 
+def named_in(key: str, names: Sequence[str]) -> bool:
+    """Whether the dotted ``key`` is one of ``names``, or inside a table one of them names."""
+    return any(key == name or key.startswith(f"{name}.") for name in names)
+
+
 def not_hashed(key: str) -> bool:
     """Whether the dotted ``key`` is one :data:`NOT_HASHED` names, or inside such a table."""
-    return any(key == name or key.startswith(f"{name}.") for name in NOT_HASHED)
+    return named_in(key, NOT_HASHED)
 
 
 def config_hash(experiment: Mapping[str, Any]) -> str:
