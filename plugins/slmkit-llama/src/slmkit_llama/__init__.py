@@ -110,8 +110,13 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) 
     d_head = x.shape[-1]
     if d_head % 2:
         raise ValueError(f"rotary embeddings need an even head width, got {d_head}")
-    cos, sin = rope_angles(positions, d_head, base, dtype=x.dtype)
-    x1, x2 = x[..., : d_head // 2], x[..., d_head // 2 :]
+    return rotate(x, *rope_angles(positions, d_head, base, dtype=x.dtype))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Each pair ``(x1, x2)`` of ``x`` turned by the angles of :func:`rope_angles`."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -248,9 +253,10 @@ class LlamaBlock(nn.Module):
             batch, d_model = x.shape
             qkv = F.linear(self.norm_1(x), attn.qkv.weight, attn.qkv.bias)
             q, k, v = qkv.view(batch, 3, n_heads, 1, d_head).unbind(1)
-            at = torch.tensor([position], device=x.device)  # the absolute position, as in forward
-            keys, values = cache.append(apply_rope(k, at, base), v)
-            y = attn._attend(apply_rope(q, at, base), keys, values, 0.0)
+            at = torch.arange(position, position + 1, device=x.device)  # absolute, as in forward
+            cos, sin = rope_angles(at, d_head, base, dtype=q.dtype)  # once, for q and k
+            keys, values = cache.append(rotate(k, cos, sin), v)
+            y = attn._attend(rotate(q, cos, sin), keys, values, 0.0)
             # (batch, n_heads, 1, d_head) holds the heads side by side already
             x = x + F.linear(y.view(batch, d_model), attn.proj.weight, attn.proj.bias)
             h = self.norm_2(x)
