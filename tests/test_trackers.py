@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ROOT, events, train
+import tomli_w
+from conftest import ROOT, TINY, events, train
 
 import slmkit
 from slmkit.cli import main
@@ -195,31 +197,37 @@ def test_the_trackers_experiment_is_quick_streamed_to_the_built_in_trackers(
 # -- TensorBoard ---------------------------------------------------------------------------
 
 
+def tensorboard_values(run_dir: Path) -> Iterator[tuple[Any, Any]]:
+    """``(event, value)`` for every value of the run's event files as written, in order,
+    files in name order (values as tensors, whatever the API wrote)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                yield event, value
+
+
 def tensorboard_records(run_dir: Path) -> dict[str, list[tuple[int, Any]]]:
-    """Every value of the run's event files as written, in order, files in name order:
+    """Every value of the run's event files (:func:`tensorboard_values`) by tag:
     ``{tag: [(step, value)]}`` (scalars as floats, texts as strings, histograms as their
     count of values, the hparams as their session's hparams)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.plugins.hparams import plugin_data_pb2
     from tensorboard.util.tensor_util import make_ndarray
 
     found: dict[str, list[tuple[int, Any]]] = {}
-    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():  # values as tensors, whatever the API
-            for value in event.summary.value:
-                plugin = value.metadata.plugin_data.plugin_name
-                if plugin == "hparams":
-                    data = plugin_data_pb2.HParamsPluginData.FromString(
-                        value.metadata.plugin_data.content
-                    )
-                    got: Any = dict(data.session_start_info.hparams) or None
-                elif plugin == "text":
-                    got = make_ndarray(value.tensor).item().decode()
-                elif plugin == "histograms":  # buckets of (left, right, count)
-                    got = int(make_ndarray(value.tensor)[:, 2].sum())
-                else:
-                    got = float(make_ndarray(value.tensor))
-                found.setdefault(value.tag, []).append((event.step, got))
+    for event, value in tensorboard_values(run_dir):
+        plugin = value.metadata.plugin_data.plugin_name
+        if plugin == "hparams":
+            data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+            got: Any = dict(data.session_start_info.hparams) or None
+        elif plugin == "text":
+            got = make_ndarray(value.tensor).item().decode()
+        elif plugin == "histograms":  # buckets of (left, right, count)
+            got = int(make_ndarray(value.tensor)[:, 2].sum())
+        else:
+            got = float(make_ndarray(value.tensor))
+        found.setdefault(value.tag, []).append((event.step, got))
     return found
 
 
@@ -307,12 +315,9 @@ def test_tensorboard_records_a_run_once_with_its_hparams(write_experiment, manag
     assert records["final/best_val_loss"] == [
         (6, float(np.float32(end["summary"]["best_val_loss"])))
     ]
-    # each value at the time it was logged
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    (events_file,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
-    times = [e.wall_time for e in EventFileLoader(str(events_file)).Load()
-             if e.summary.value and e.summary.value[0].tag == "train/loss"]  # fmt: skip
+    # each value at the time it was logged, in one events file
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    times = [e.wall_time for e, v in tensorboard_values(run_dir) if v.tag == "train/loss"]
     assert times == [slmkit.tracked_values(e).time for e in log if e["event"] == "train_step"]
     hparams = tensorboard_records(run_dir)["_hparams_/session_start_info"][0][1]
     assert hparams["model.d_model"].number_value == 32
@@ -320,11 +325,26 @@ def test_tensorboard_records_a_run_once_with_its_hparams(write_experiment, manag
     assert hparams["trackers.0.name"].string_value == "tensorboard"
 
 
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    """A finished 6-step tiny run without trackers, trained once for the module; a test
+    that changes it works on a copy (:func:`copy_of`)."""
+    root = tmp_path_factory.mktemp("plain")
+    path = root / "tiny.toml"
+    path.write_text(tomli_w.dumps(TINY), encoding="utf-8")
+    return train(path, root / "runs", PluginManager(entry_points=False).load())
+
+
+def copy_of(run_dir: Path, runs: Path) -> Path:
+    """``run_dir`` copied into the folder ``runs``."""
+    return Path(shutil.copytree(run_dir, runs / run_dir.name))
+
+
 def test_a_tracker_added_on_resume_catches_up_on_the_steps_before(
-    write_experiment, manager, tmp_path
+    plain_run, write_experiment, manager, tmp_path
 ) -> None:
     runs = tmp_path / "runs"
-    run_dir = train(write_experiment(), runs, manager)  # 6 steps, no tracker
+    run_dir = copy_of(plain_run, runs)  # 6 steps, no tracker
     # trained on to step 9 with TensorBoard added: allowed (trackers are not part of what
     # the experiment is), and the record starts at step 1
     longer = write_experiment({**TENSORBOARD, "training": {"max_steps": 9}}, name="more.toml")
@@ -481,25 +501,18 @@ def test_a_run_says_where_each_tracker_writes_as_it_starts(
 
 def tensorboard_wall_times(run_dir: Path) -> list[float]:
     """The wall time of every value in the run's event files."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    return [
-        event.wall_time
-        for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")
-        for event in EventFileLoader(str(path)).Load()
-        for _ in event.summary.value
-    ]
+    return [event.wall_time for event, _ in tensorboard_values(run_dir)]
 
 
-def test_an_old_run_without_trackers_joins_by_export(write_experiment, manager, tmp_path):
-    run_dir = train(write_experiment(), tmp_path / "runs", manager)
+def test_an_old_run_without_trackers_joins_by_export(plain_run, tmp_path):
+    run_dir = copy_of(plain_run, tmp_path / "runs")
     assert not (run_dir / "tensorboard").exists()
     assert main(["export", str(run_dir), "--to", "tensorboard"]) == 0
     assert_tensorboard_holds_the_log_once(run_dir)
 
 
-def test_export_refuses_with_one_line(write_experiment, manager, tmp_path, capsys, monkeypatch):
-    run_dir = train(write_experiment(), tmp_path / "runs", manager)
+def test_export_refuses_with_one_line(plain_run, capsys, monkeypatch):
+    run_dir = plain_run  # every export here is refused: nothing is written to it
     runs = str(run_dir.parent)
     cases = [
         (["export", "nope", "--to", "tensorboard", "--runs-dir", runs],
